@@ -1,0 +1,1 @@
+"""clipspeech: what the pipeline computes once."""

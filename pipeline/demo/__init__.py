@@ -1,0 +1,1 @@
+"""The built-in synthetic demo corpus and its own small CLIP teacher."""
