@@ -1,0 +1,257 @@
+"""The cache's self-description: the manifest `cache.json`, `records.jsonl` and `failures.jsonl`.
+
+Every write that replaces a file goes through a temporary file and `os.replace`, so a killed stage never
+leaves a half-written manifest behind.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import pathlib
+import tempfile
+from typing import Any, Iterable, Iterator
+
+MANIFEST = "cache.json"
+RECORDS = "records.jsonl"
+FAILURES = "failures.jsonl"
+# The stage that writes records.jsonl, named in the error a reader gets when it is missing.
+RECORDS_STAGE = "extract-audio"
+FAILURE_KEYS = ("stage", "id", "reason")  # required; "path" is optional (keyword prompts have none)
+_LOCK = ".cache.json.lock"
+
+
+class CacheMismatchError(ValueError):
+    """A stage asked for settings other than those the cache was made with."""
+
+
+def fsync_path(path) -> None:
+    """fsync a file or a folder by path (a folder, so that a rename in it reaches the disk)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path, data: bytes) -> None:
+    """Write `data` to `path` through a temporary file in the same folder, fsync, then `os.replace`."""
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{path.name}.tmp-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    fsync_path(path.parent)
+
+
+def atomic_write_text(path, text: str) -> None:
+    """Write utf-8 `text` to `path` atomically (temporary file + fsync + `os.replace`)."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def to_json(obj: Any, what: str) -> str:
+    """`obj` as JSON text; ValueError naming `what` when it holds something JSON cannot hold."""
+    try:
+        return json.dumps(obj, ensure_ascii=False, allow_nan=False, sort_keys=True)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{what} must hold only JSON values (str, int, float, bool, None, list, dict): "
+                         f"{err}") from None
+
+
+def atomic_write_json(path, obj) -> None:
+    """Write `obj` as indented JSON to `path` atomically."""
+    atomic_write_text(path, json.dumps(json.loads(to_json(obj, str(path))), ensure_ascii=False, indent=2)
+                      + "\n")
+
+
+def read_manifest(cache_dir) -> dict:
+    """The manifest of `cache_dir` as a dict; {} when the cache has none yet."""
+    path = pathlib.Path(cache_dir) / MANIFEST
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return {}
+    try:
+        manifest = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); restore it or delete the cache folder "
+                         f"{path.parent} and run the stages again") from None
+    if not isinstance(manifest, dict):
+        raise ValueError(f"{path} must hold a JSON object, found {type(manifest).__name__}; delete it "
+                         "and run the stages again")
+    return manifest
+
+
+def _show(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False)
+
+
+def settings_diff(cached: dict, requested: dict, prefix: str = "") -> list[str]:
+    """One line per differing setting, nested keys joined by dots.
+
+    e.g. ["features.n_mels: cache has 80, requested 40", "features.lifter: cache has 22, requested (absent)"].
+    Both sides are compared as JSON sees them, so a tuple equals the list that the manifest read back.
+    """
+    cached = json.loads(to_json(cached, "cached settings"))
+    requested = json.loads(to_json(requested, "requested settings"))
+    return _diff(cached, requested, prefix)
+
+
+def _diff(cached: Any, requested: Any, prefix: str) -> list[str]:
+    if isinstance(cached, dict) and isinstance(requested, dict):
+        lines = []
+        for key in sorted(set(cached) | set(requested)):
+            name = f"{prefix}.{key}" if prefix else str(key)
+            if key not in requested:
+                lines.append(f"{name}: cache has {_show(cached[key])}, requested (absent)")
+            elif key not in cached:
+                lines.append(f"{name}: cache has (absent), requested {_show(requested[key])}")
+            else:
+                lines.extend(_diff(cached[key], requested[key], name))
+        return lines
+    # bool is an int in Python: True must not silently equal 1.
+    if cached == requested and type(cached) is type(requested) or _same_number(cached, requested):
+        return []
+    return [f"{prefix or '(value)'}: cache has {_show(cached)}, requested {_show(requested)}"]
+
+
+def _same_number(a: Any, b: Any) -> bool:
+    numbers = (int, float)
+    return (isinstance(a, numbers) and isinstance(b, numbers) and not isinstance(a, bool)
+            and not isinstance(b, bool) and a == b)
+
+
+@contextlib.contextmanager
+def _manifest_lock(cache_dir: pathlib.Path) -> Iterator[None]:
+    # Stages of one cache may run at once (shards, audio next to images): the read-modify-write of the
+    # manifest must not lose a section that another process added meanwhile.
+    with open(cache_dir / _LOCK, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def claim_section(cache_dir, section: str, settings: dict, fix: str = "") -> None:
+    """Record `settings` under `section` of the manifest, or check that they equal what is there.
+
+    Absent section: written (atomically, under a lock). Equal: nothing happens. Different:
+    CacheMismatchError naming the cache folder, the section, every differing setting and `fix`.
+    """
+    cache_dir = pathlib.Path(cache_dir)
+    settings = json.loads(to_json(settings, f"settings of section {section!r}"))
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with _manifest_lock(cache_dir):
+        manifest = read_manifest(cache_dir)
+        if section not in manifest:
+            manifest[section] = settings
+            atomic_write_json(cache_dir / MANIFEST, manifest)
+            return
+        diffs = _diff(manifest[section], settings, section)
+    if diffs:
+        lines = "\n  ".join(diffs)
+        hint = f"\nFix: {fix}" if fix else ""
+        raise CacheMismatchError(f"cache {cache_dir} was made with other {section!r} settings than "
+                                 f"requested:\n  {lines}{hint}")
+
+
+def write_records(cache_dir, records: list[dict]) -> None:
+    """Write `records` (one JSON object each, e.g. an Utterance as a dict) to records.jsonl atomically."""
+    lines = [to_json(r, f"record {i} for {RECORDS}") for i, r in enumerate(records)]
+    atomic_write_text(pathlib.Path(cache_dir) / RECORDS, "".join(line + "\n" for line in lines))
+
+
+def _read_jsonl(path: pathlib.Path, tolerate_torn_tail: bool) -> list[dict]:
+    text = path.read_text(encoding="utf-8")
+    lines = text.split("\n")
+    rows = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            # An appender killed mid-write leaves its last line without a newline: not an error.
+            if tolerate_torn_tail and number == len(lines) and not text.endswith("\n"):
+                break
+            raise ValueError(f"{path} line {number} is not valid JSON ({err}); delete the file and run "
+                             "the stage that writes it again") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{path} line {number} must be a JSON object; delete the file and run the "
+                             "stage that writes it again")
+        rows.append(row)
+    return rows
+
+
+def read_records(cache_dir) -> list[dict]:
+    """The records of records.jsonl in file (corpus) order."""
+    path = pathlib.Path(cache_dir) / RECORDS
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: it is written by the {RECORDS_STAGE} stage; run that "
+                                f"stage on this cache first")
+    return _read_jsonl(path, tolerate_torn_tail=False)
+
+
+def append_failures(cache_dir, failures: Iterable[dict]) -> None:
+    """Append failed items, one JSON line each {"stage", "id", "path", "reason"}, to failures.jsonl.
+
+    All lines go out in one write on an O_APPEND file, so processes appending at once do not interleave
+    within a line (on a local file system).
+    """
+    lines = _failure_lines(failures)
+    if not lines:
+        return
+    cache_dir = pathlib.Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with _manifest_lock(cache_dir):
+        fd = os.open(cache_dir / FAILURES, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            data = "".join(lines).encode("utf-8")
+            while data:
+                data = data[os.write(fd, data):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _failure_lines(failures: Iterable[dict], stage: str | None = None) -> list[str]:
+    lines = []
+    for failure in failures:
+        missing = [k for k in FAILURE_KEYS if not isinstance(failure, dict) or k not in failure]
+        if missing:
+            raise ValueError(f"a failure record needs the keys {FAILURE_KEYS} (and optionally 'path'); "
+                             f"{failure!r} lacks {missing}")
+        if stage is not None and failure["stage"] != stage:
+            raise ValueError(f"failure {failure!r} belongs to stage {failure['stage']!r}, not {stage!r}")
+        lines.append(to_json({"path": None, **failure}, "failure record") + "\n")
+    return lines
+
+
+def record_stage_failures(cache_dir, stage: str, failures: Iterable[dict]) -> None:
+    """Replace every failure of `stage` in failures.jsonl by `failures` (atomically), so a stage that
+    re-reports its failures on a rerun does not list them twice. Other stages' lines are kept."""
+    lines = _failure_lines(failures, stage)
+    cache_dir = pathlib.Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with _manifest_lock(cache_dir):
+        kept = [to_json(row, "failure record") + "\n" for row in read_failures(cache_dir)
+                if row.get("stage") != stage]
+        atomic_write_text(cache_dir / FAILURES, "".join(kept + lines))
+
+
+def read_failures(cache_dir) -> list[dict]:
+    """Every failure appended so far, oldest first; [] when there is no failures.jsonl."""
+    path = pathlib.Path(cache_dir) / FAILURES
+    if not path.is_file():
+        return []
+    return _read_jsonl(path, tolerate_torn_tail=True)

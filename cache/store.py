@@ -1,0 +1,579 @@
+"""Stores of the feature cache: folders of numbered parts (HDF5 or WebDataset tar) that map a key to a
+(frames x dims) array, one writing process per part, and the index that readers use for random access."""
+from __future__ import annotations
+
+import collections
+import contextlib
+import io
+import json
+import os
+import pathlib
+import re
+import tarfile
+import time
+from typing import Iterator, Sequence
+
+import h5py
+import numpy as np
+
+from cache.manifest import atomic_write_json, fsync_path, settings_diff, to_json
+
+FORMATS = ("hdf5", "wds")
+DTYPES = ("float16", "float32")
+STORE_JSON = "store.json"
+SIZES_JSON = "sizes.json"
+INDEX_FILE = {"hdf5": "index.h5", "wds": "index.json"}
+STORE_VERSION = 1
+INDEX_FIX = "run the stage again or `--index-only`"
+RESERVED_META = ("id", "frames")  # the wds .json member adds these to the item's meta
+
+_SUFFIX = {"hdf5": ".h5", "wds": ".tar"}
+_PART_RE = re.compile(r"^part-(\d{5,})\.(h5|tar)$")
+_TEMP_RE = re.compile(r"^(?:part-\d{5,}\.(?:h5|tar)|index\.h5|index\.json|sizes\.json|store\.json)"
+                      r"\.tmp-[\w-]+$")
+_ESCAPES = {"%": "%25", ".": "%2E", "/": "%2F"}
+_CHUNK_BYTES = 1 << 20  # HDF5's default chunk cache is 1 MiB: a chunk that fits is cached between get()s
+_FLUSH_BYTES = 16 << 20  # the hdf5 writer appends to the resizable dataset in blocks of about this size
+_SPAN_BYTES = 64 << 20  # iteration reads at most about this much of a part at once
+_MAX_OPEN = 64  # open part files per reader and process
+
+
+def escape_key(id: str) -> str:
+    """`id` with '%', '.' and '/' percent-escaped, so webdataset's split at the first dot keeps it whole."""
+    if not isinstance(id, str) or not id or "\x00" in id:
+        raise ValueError(f"a store key must be a non-empty str without NUL characters, got {id!r}")
+    return "".join(_ESCAPES.get(c, c) for c in id)
+
+
+def unescape_key(key: str) -> str:
+    """The inverse of `escape_key`."""
+    return re.sub(r"%(25|2E|2F)", lambda m: chr(int(m.group(1), 16)), key)
+
+
+def part_path(store_dir, part: int, fmt: str) -> pathlib.Path:
+    """Final path of part number `part`, e.g. STORE/part-00012.h5."""
+    _check_format(fmt)
+    if isinstance(part, bool) or not isinstance(part, (int, np.integer)) or part < 0:
+        raise ValueError(f"a part number must be an int >= 0, got {part!r}")
+    return pathlib.Path(store_dir) / f"part-{int(part):05d}{_SUFFIX[fmt]}"
+
+
+def _check_format(fmt: str) -> None:
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown store format {fmt!r}; choose one of {FORMATS}")
+
+
+def read_store_json(store_dir) -> dict:
+    """The store's self-description {"version", "format", "dims", "dtype", "attrs"}."""
+    path = pathlib.Path(store_dir) / STORE_JSON
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: {path.parent} is not a store or no part was ever "
+                                "written to it; run the stage that writes it")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); delete the store {path.parent} and run the "
+                         "stage again") from None
+
+
+def _claim_store(store_dir: pathlib.Path, settings: dict) -> None:
+    # Parts of one store must agree on format, dims, dtype and attrs, or readers would mix them silently.
+    if (store_dir / STORE_JSON).is_file():
+        diffs = settings_diff(read_store_json(store_dir), settings)
+        if diffs:
+            lines = "\n  ".join(diffs)
+            raise ValueError(f"store {store_dir} was written with other settings:\n  {lines}\n"
+                             f"Fix: use another cache folder or delete {store_dir}")
+    else:
+        atomic_write_json(store_dir / STORE_JSON, settings)
+
+
+class PartWriter:
+    """Writes one part of a store under a temporary name; `commit` renames it to its final name.
+
+    Use as a context manager: commit on success, abort (temporary file deleted) on an exception.
+    A part with no items is still committed, so a resumed stage knows it is done. For hdf5, per-item
+    meta goes to a fixed-length JSON bytes dataset `meta`, created only when some item has meta.
+    """
+
+    def __init__(self, store_dir, part: int, fmt: str, dims: int, dtype: str = "float16",
+                 attrs: dict | None = None):
+        _check_format(fmt)
+        if dtype not in DTYPES:
+            raise ValueError(f"unknown store dtype {dtype!r}; choose one of {DTYPES}")
+        if isinstance(dims, bool) or not isinstance(dims, (int, np.integer)) or dims < 1:
+            raise ValueError(f"dims must be an int >= 1, got {dims!r}")
+        attrs = json.loads(to_json({} if attrs is None else attrs, "store attrs"))
+        if not isinstance(attrs, dict):
+            raise ValueError(f"store attrs must be a dict, got {type(attrs).__name__}")
+        self.store_dir = pathlib.Path(store_dir)
+        self.path = part_path(self.store_dir, part, fmt)
+        self.fmt, self.dims, self.dtype, self.attrs = fmt, int(dims), np.dtype(dtype), attrs
+        if self.path.exists():
+            raise ValueError(f"{self.path} is already complete (a rerun skips completed parts); delete it "
+                             "to write it again")
+        self.store_dir.mkdir(parents=True, exist_ok=True)
+        _claim_store(self.store_dir, {"version": STORE_VERSION, "format": fmt, "dims": self.dims,
+                                      "dtype": dtype, "attrs": attrs})
+        self.tmp_path = self.path.with_name(f"{self.path.name}.tmp-{os.getpid()}")
+        self._lengths: dict[str, int] = {}  # frames per key, in the order added
+        self._state = "open"
+        if fmt == "hdf5":
+            self._h5 = h5py.File(self.tmp_path, "w")
+            chunk_rows = int(np.clip(_CHUNK_BYTES // (self.dims * self.dtype.itemsize), 1, 4096))
+            self._features = self._h5.create_dataset("features", shape=(0, self.dims), dtype=self.dtype,
+                                                     maxshape=(None, self.dims),
+                                                     chunks=(chunk_rows, self.dims))
+            self._buffer: list[np.ndarray] = []
+            self._buffer_rows = 0
+            self._metas: list[str] = []
+        else:
+            self._file = open(self.tmp_path, "wb")
+            self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.PAX_FORMAT)
+
+    def add(self, key: str, array: np.ndarray, meta: dict | None = None) -> None:
+        """Append item `key`: `array` (frames, dims), frames > 0, finite; `meta` a small JSON-able dict."""
+        if self._state != "open":
+            raise ValueError(f"cannot add {key!r}: the writer of {self.path} was already {self._state}")
+        escaped = escape_key(key)
+        if key in self._lengths:
+            raise ValueError(f"key {key!r} was already added to {self.path.name}")
+        array = np.asarray(array)
+        if array.ndim != 2 or array.shape[1] != self.dims or array.shape[0] == 0:
+            raise ValueError(f"{key!r}: expected an array of shape (frames > 0, {self.dims}) for store "
+                             f"{self.store_dir}, got {array.shape}")
+        if not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)):
+            raise ValueError(f"{key!r}: expected a real numeric array, got dtype {array.dtype}")
+        if not np.isfinite(array).all():
+            raise ValueError(f"{key!r}: the array holds NaN or infinite values")
+        with np.errstate(over="ignore"):  # an overflow becomes inf, refused just below
+            stored = np.ascontiguousarray(array, dtype=self.dtype)
+        if not np.isfinite(stored).all():
+            raise ValueError(f"{key!r}: values beyond the range of {self.dtype} (max "
+                             f"{np.finfo(self.dtype).max}); write the store with dtype='float32'")
+        meta = json.loads(to_json({} if meta is None else meta, f"meta of {key!r}"))
+        if not isinstance(meta, dict) or any(k in meta for k in RESERVED_META):
+            raise ValueError(f"{key!r}: meta must be a dict without the reserved keys {RESERVED_META}, "
+                             f"got {meta!r}")
+        self._lengths[key] = len(stored)
+        if self.fmt == "hdf5":
+            self._buffer.append(stored)
+            self._buffer_rows += len(stored)
+            self._metas.append(to_json(meta, "meta") if meta else "")
+            if self._buffer_rows * self.dims * self.dtype.itemsize >= _FLUSH_BYTES:
+                self._flush()
+        else:
+            npy = io.BytesIO()
+            np.save(npy, stored, allow_pickle=False)
+            self._add_member(f"{escaped}.npy", npy.getvalue())
+            info = to_json({**meta, "id": key, "frames": len(stored)}, "meta")
+            self._add_member(f"{escaped}.json", info.encode("utf-8"))
+
+    def _add_member(self, name: str, data: bytes) -> None:
+        info = tarfile.TarInfo(name)
+        info.size, info.mtime, info.mode = len(data), int(time.time()), 0o644
+        self._tar.addfile(info, io.BytesIO(data))
+
+    def _flush(self) -> None:
+        # Bounded memory: the buffer goes to the resizable dataset whenever it reaches _FLUSH_BYTES.
+        if not self._buffer:
+            return
+        block = np.concatenate(self._buffer)
+        start = self._features.shape[0]
+        self._features.resize(start + len(block), axis=0)
+        self._features[start:] = block
+        self._buffer, self._buffer_rows = [], 0
+
+    def commit(self) -> pathlib.Path:
+        """Flush, close, fsync and rename the part to its final name; returns that path."""
+        if self._state != "open":
+            raise ValueError(f"the writer of {self.path} was already {self._state}")
+        try:
+            if self.fmt == "hdf5":
+                self._finish_hdf5()
+                fsync_path(self.tmp_path)
+            else:
+                self._tar.close()
+                self._file.flush()
+                os.fsync(self._file.fileno())
+                self._file.close()
+            os.replace(self.tmp_path, self.path)
+            fsync_path(self.store_dir)
+        except BaseException:
+            self.abort()
+            raise
+        self._state = "committed"
+        return self.path
+
+    def _finish_hdf5(self) -> None:
+        self._flush()
+        h5 = self._h5
+        offsets = np.zeros(len(self._lengths) + 1, dtype=np.int64)
+        np.cumsum(list(self._lengths.values()), out=offsets[1:])
+        h5.create_dataset("offsets", data=offsets)
+        h5.create_dataset("ids", data=_fixed_bytes(list(self._lengths)))
+        if any(self._metas):
+            h5.create_dataset("meta", data=_fixed_bytes([m or "{}" for m in self._metas]))
+        h5.attrs["__store__"] = to_json({"version": STORE_VERSION, "dims": self.dims,
+                                         "dtype": str(self.dtype)}, "store")
+        for name, value in self.attrs.items():
+            h5.attrs[name] = to_json(value, f"attr {name!r}")
+        h5.close()
+
+    def abort(self) -> None:
+        """Close and delete the temporary file; a committed part is left alone."""
+        if self._state != "open":
+            return
+        self._state = "aborted"
+        with contextlib.suppress(Exception):
+            if self.fmt == "hdf5":
+                self._h5.close()
+            else:
+                self._file.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.tmp_path)
+
+    def __enter__(self) -> "PartWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if self._state == "open":
+            if exc_type is None:
+                self.commit()
+            else:
+                self.abort()
+        return False
+
+
+def _fixed_bytes(strings: list[str]) -> np.ndarray:
+    """utf-8 strings as a fixed-length bytes array `S<maxlen>` (HDF5 variable-length strings are slow)."""
+    encoded = [s.encode("utf-8") for s in strings]
+    width = max([len(b) for b in encoded] + [1])
+    return np.array(encoded, dtype=h5py.string_dtype("utf-8", width))
+
+
+def completed_parts(store_dir) -> dict[int, pathlib.Path]:
+    """{part number: path} of the parts that reached their final name, sorted; {} for a missing folder."""
+    store_dir = pathlib.Path(store_dir)
+    if not store_dir.is_dir():
+        return {}
+    found = sorted((int(m.group(1)), p) for p in store_dir.iterdir() if (m := _PART_RE.match(p.name)))
+    if len({p.suffix for _, p in found}) > 1:
+        raise ValueError(f"store {store_dir} holds parts of both formats (.h5 and .tar); delete {store_dir} "
+                         "and run the stage again")
+    return dict(found)
+
+
+def remove_temporaries(store_dir) -> int:
+    """Delete what killed writers left in `store_dir`; returns how many files. Only call it when no
+    writer of this store is running (a live writer's temporary file would go too)."""
+    store_dir = pathlib.Path(store_dir)
+    if not store_dir.is_dir():
+        return 0
+    removed = 0
+    for path in store_dir.iterdir():
+        if _TEMP_RE.match(path.name) and path.is_file():
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+                removed += 1
+    return removed
+
+
+def build_index(store_dir) -> int:
+    """Index every completed part (ids, part, row, frames; for wds the byte offsets); returns the item
+    count. Writes index.h5 (hdf5) or sizes.json + index.json (wds), atomically."""
+    store_dir = pathlib.Path(store_dir)
+    settings = read_store_json(store_dir)
+    fmt, dims, dtype = settings["format"], settings["dims"], np.dtype(settings["dtype"])
+    ids: list[str] = []
+    columns: dict[str, list] = collections.defaultdict(list)
+    sizes: dict[str, int] = {}
+    owner: dict[str, str] = {}
+    for number, path in completed_parts(store_dir).items():
+        part_ids, cols = (_scan_hdf5 if fmt == "hdf5" else _scan_tar)(path, dims, dtype)
+        for id in part_ids:
+            if id in owner:
+                raise ValueError(f"id {id!r} is in both {owner[id]} and {path.name} of store {store_dir}: "
+                                 "each id must go to one part; delete the store and run the stage again")
+            owner[id] = path.name
+        sizes[path.name] = len(part_ids)
+        ids.extend(part_ids)
+        columns["part"].append(np.full(len(part_ids), number, dtype=np.int32))
+        columns["row"].append(np.arange(len(part_ids), dtype=np.int64))
+        for name, values in cols.items():
+            columns[name].append(values)
+    cols = {name: np.concatenate(v) if v else np.zeros(0, np.int64) for name, v in columns.items()}
+    for name in ("part", "row", "lengths"):
+        cols.setdefault(name, np.zeros(0, np.int64))
+    if fmt == "hdf5":
+        _write_index_h5(store_dir / INDEX_FILE[fmt], ids, cols, sizes)
+    else:
+        atomic_write_json(store_dir / SIZES_JSON, sizes)
+        atomic_write_json(store_dir / INDEX_FILE[fmt], {"version": STORE_VERSION, "parts": sizes, "ids": ids,
+                                                        **{k: v.tolist() for k, v in cols.items()}})
+    return len(ids)
+
+
+def _invalid_part(path: pathlib.Path, why: str) -> ValueError:
+    return ValueError(f"{path} is not a valid part ({why}); delete it and run the stage again")
+
+
+def _scan_hdf5(path: pathlib.Path, dims: int, dtype: np.dtype) -> tuple[list[str], dict[str, np.ndarray]]:
+    with h5py.File(path, "r") as f:
+        shape, stored = f["features"].shape, f["features"].dtype
+        offsets = f["offsets"][:]
+        ids = [b.decode("utf-8") for b in f["ids"][:].tolist()]
+    lengths = np.diff(offsets)
+    if shape[1:] != (dims,) or stored != dtype:
+        raise _invalid_part(path, f"features are {shape} {stored}, the store says (frames, {dims}) {dtype}")
+    if len(offsets) != len(ids) + 1 or offsets[0] != 0 or offsets[-1] != shape[0] or (lengths <= 0).any():
+        raise _invalid_part(path, "offsets do not match ids and features")
+    return ids, {"lengths": lengths.astype(np.int64), "start": offsets[:-1].astype(np.int64)}
+
+
+def _scan_tar(path: pathlib.Path, dims: int, dtype: np.dtype) -> tuple[list[str], dict[str, np.ndarray]]:
+    ids, lengths, data_offset, json_offset, json_size = [], [], [], [], []
+    with tarfile.open(path, "r:") as tar:
+        expected = None  # the key whose .json must come next
+        for member in tar:
+            key, _, ext = member.name.partition(".")
+            if ext == "npy" and expected is None:
+                f = tar.extractfile(member)
+                version = np.lib.format.read_magic(f)
+                read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                               (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+                if read_header is None:
+                    raise _invalid_part(path, f"{member.name} has .npy version {version}")
+                shape, fortran, stored = read_header(f)
+                if len(shape) != 2 or shape[1] != dims or shape[0] < 1 or stored != dtype or fortran:
+                    raise _invalid_part(path, f"{member.name} is {shape} {stored}, the store says "
+                                              f"(frames, {dims}) {dtype}")
+                ids.append(unescape_key(key))
+                lengths.append(shape[0])
+                data_offset.append(member.offset_data + f.tell())
+                expected = key
+            elif ext == "json" and key == expected:
+                json_offset.append(member.offset_data)
+                json_size.append(member.size)
+                expected = None
+            else:
+                raise _invalid_part(path, f"unexpected member {member.name}")
+    if expected is not None:
+        raise _invalid_part(path, f"{expected}.npy has no .json")
+    columns = {"lengths": lengths, "data_offset": data_offset, "json_offset": json_offset,
+               "json_size": json_size}
+    return ids, {k: np.asarray(v, dtype=np.int64) for k, v in columns.items()}
+
+
+def _write_index_h5(path: pathlib.Path, ids: list[str], cols: dict[str, np.ndarray], sizes: dict) -> None:
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    try:
+        with h5py.File(tmp, "w") as f:
+            f.create_dataset("ids", data=_fixed_bytes(ids))
+            for name, values in cols.items():
+                f.create_dataset(name, data=values)
+            f.attrs["parts"] = to_json(sizes, "sizes")
+            f.attrs["version"] = STORE_VERSION
+        fsync_path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    fsync_path(path.parent)
+
+
+class StoreReader:
+    """Random access and fast bulk reads of an indexed store.
+
+    File handles are opened lazily and cached per process; pickling drops them, so a reader can be sent
+    to worker processes (h5py objects cannot be pickled, and must not be shared across a fork).
+    """
+
+    def __init__(self, store_dir):
+        self.store_dir = pathlib.Path(store_dir)
+        settings = read_store_json(self.store_dir)
+        self.fmt: str = settings["format"]
+        self.dims: int = settings["dims"]
+        self.dtype = np.dtype(settings["dtype"])
+        self.attrs: dict = settings["attrs"]
+        index_path = self.store_dir / INDEX_FILE[self.fmt]
+        if not index_path.is_file():
+            raise FileNotFoundError(f"{index_path} not found: store {self.store_dir} has no index; "
+                                    f"{INDEX_FIX}")
+        if self.fmt == "hdf5":
+            with h5py.File(index_path, "r") as f:
+                self.ids: list[str] = [b.decode("utf-8") for b in f["ids"][:].tolist()]
+                cols = {name: f[name][:] for name in f if name != "ids"}
+                sizes = json.loads(f.attrs["parts"])
+        else:
+            index = json.loads(index_path.read_text(encoding="utf-8"))
+            self.ids, sizes = index["ids"], index["parts"]
+            cols = {k: np.asarray(v, dtype=np.int64) for k, v in index.items()
+                    if k not in ("ids", "parts", "version")}
+        self.lengths: np.ndarray = cols.pop("lengths").astype(np.int64)
+        self._part, self._row = cols.pop("part").astype(np.int64), cols.pop("row")
+        self._cols = cols  # hdf5: start frame in the part; wds: byte offsets of .npy data and .json
+        on_disk = {p.name: p for p in completed_parts(self.store_dir).values()}
+        if set(on_disk) != set(sizes):
+            raise ValueError(f"the index of store {self.store_dir} covers {sorted(sizes)} but the folder "
+                             f"holds {sorted(on_disk)}; rebuild it: {INDEX_FIX}")
+        self._paths = {int(_PART_RE.match(name).group(1)): path for name, path in on_disk.items()}
+        self._pos = {id: i for i, id in enumerate(self.ids)}
+        self._files: collections.OrderedDict = collections.OrderedDict()
+        self._pid = os.getpid()
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __contains__(self, key) -> bool:
+        return key in self._pos
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_files"], state["_pid"] = collections.OrderedDict(), None
+        return state
+
+    def __enter__(self) -> "StoreReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _position(self, key: str) -> int:
+        try:
+            return self._pos[key]
+        except KeyError:
+            raise KeyError(f"{key!r} is not in store {self.store_dir}") from None
+
+    def _handle(self, part: int):
+        if self._pid != os.getpid():
+            # A forked child: the cached handles are the parent's; forget them without touching them.
+            self._files, self._pid = collections.OrderedDict(), os.getpid()
+        handle = self._files.get(part)
+        if handle is None:
+            path = self._paths[part]
+            # hdf5: the `features` dataset itself, as looking it up costs more than a small read.
+            handle = h5py.File(path, "r")["features"] if self.fmt == "hdf5" else os.open(path, os.O_RDONLY)
+            self._files[part] = handle
+            if len(self._files) > _MAX_OPEN:
+                _close(self._files.popitem(last=False)[1])
+        self._files.move_to_end(part)
+        return handle
+
+    def _read_items(self, part: int, positions: np.ndarray) -> list[np.ndarray]:
+        """Arrays of the items at `positions` (all in `part`), with one read of the span that holds them."""
+        lengths = self.lengths[positions]
+        if self.fmt == "hdf5":
+            start = self._cols["start"][positions]
+            lo, hi = int(start.min()), int((start + lengths).max())
+            block = self._handle(part)[lo:hi]
+            return [block[s - lo:s - lo + n] for s, n in zip(start.tolist(), lengths.tolist())]
+        start = self._cols["data_offset"][positions]
+        nbytes = lengths * self.dims * self.dtype.itemsize
+        lo, hi = int(start.min()), int((start + nbytes).max())
+        buf = _pread(self._handle(part), hi - lo, lo, self._paths[part])
+        return [np.frombuffer(buf, self.dtype, count=n * self.dims, offset=s - lo).reshape(n, self.dims)
+                for s, n in zip(start.tolist(), lengths.tolist())]
+
+    def get(self, key: str) -> np.ndarray:
+        """The (frames, dims) array stored under `key`."""
+        i = self._position(key)
+        return self._read_items(int(self._part[i]), np.array([i]))[0].copy()
+
+    def meta(self, key: str) -> dict:
+        """The meta dict given to `PartWriter.add` for `key` ({} when none)."""
+        i = self._position(key)
+        part = int(self._part[i])
+        handle = self._handle(part)
+        if self.fmt == "hdf5":
+            meta = handle.file.get("meta")
+            return json.loads(meta[int(self._row[i])]) if meta is not None else {}
+        size, offset = int(self._cols["json_size"][i]), int(self._cols["json_offset"][i])
+        raw = _pread(handle, size, offset, self._paths[part])
+        return {k: v for k, v in json.loads(raw).items() if k not in RESERVED_META}
+
+    def __iter__(self) -> Iterator[tuple[str, np.ndarray]]:
+        """(id, array) in index order, reading each part in spans of about _SPAN_BYTES."""
+        row_bytes = self.dims * self.dtype.itemsize
+        group: list[int] = []
+        size = 0
+        for i in range(len(self) + 1):
+            if group and (i == len(self) or self._part[i] != self._part[group[0]] or size >= _SPAN_BYTES):
+                positions = np.array(group)
+                for j, array in zip(group, self._read_items(int(self._part[group[0]]), positions)):
+                    yield self.ids[j], np.array(array)
+                group, size = [], 0
+            if i < len(self):
+                group.append(i)
+                size += int(self.lengths[i]) * row_bytes
+
+    def iter_batches(self, batch_size: int) -> Iterator[list[tuple[str, np.ndarray]]]:
+        """Lists of up to `batch_size` (id, array) pairs in index order."""
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+        batch = []
+        for item in self:
+            batch.append(item)
+            if len(batch) == batch_size:
+                yield batch
+                batch = []
+        if batch:
+            yield batch
+
+    def load_all(self, keys: Sequence[str] | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+        """Everything (or `keys`, in that order) as one contiguous (total_frames, dims) array, offsets
+        (N+1, int64: item i is features[offsets[i]:offsets[i+1]]) and ids. One read per part."""
+        if keys is None:
+            positions = np.arange(len(self), dtype=np.int64)
+        else:
+            positions = np.array([self._position(k) for k in keys], dtype=np.int64)
+        offsets = np.zeros(len(positions) + 1, dtype=np.int64)
+        np.cumsum(self.lengths[positions], out=offsets[1:])
+        features = np.empty((int(offsets[-1]), self.dims), dtype=self.dtype)
+        parts = self._part[positions]
+        order = np.argsort(parts, kind="stable")
+        bounds_out = offsets.tolist()
+        bounds = np.flatnonzero(np.diff(parts[order])) + 1
+        for where in np.split(order, bounds) if len(order) else []:
+            part, first, last = int(parts[where[0]]), int(where[0]), int(where[-1])
+            if self.fmt == "hdf5" and last - first + 1 == len(where) and _is_run(positions[where]):
+                # A run of rows lands on a run of output rows (the index-order case): no copy per item.
+                start = int(self._cols["start"][positions[first]])
+                size = int(offsets[last + 1] - offsets[first])
+                self._handle(part).read_direct(
+                    features, np.s_[start:start + size], np.s_[offsets[first]:offsets[last + 1]])
+                continue
+            for j, array in zip(where.tolist(), self._read_items(part, positions[where])):
+                features[bounds_out[j]:bounds_out[j + 1]] = array
+        return features, offsets, [self.ids[i] for i in positions.tolist()]
+
+    def close(self) -> None:
+        """Close the files this process opened."""
+        if self._pid == os.getpid():
+            while self._files:
+                _close(self._files.popitem()[1])
+
+
+def _is_run(positions: np.ndarray) -> bool:
+    return bool(len(positions)) and bool((np.diff(positions) == 1).all())
+
+
+def _close(handle) -> None:
+    if isinstance(handle, int):
+        os.close(handle)
+    else:
+        handle.file.close()
+
+
+def _pread(fd: int, size: int, offset: int, path: pathlib.Path) -> bytes:
+    # pread keeps no file position, so threads may share one descriptor.
+    chunks = []
+    while size > 0:
+        chunk = os.pread(fd, size, offset)
+        if not chunk:
+            raise ValueError(f"{path} ends before byte {offset}: the part changed after indexing; "
+                             f"{INDEX_FIX}")
+        chunks.append(chunk)
+        size, offset = size - len(chunk), offset + len(chunk)
+    return b"".join(chunks)

@@ -1,0 +1,250 @@
+#!/usr/bin/env python
+"""clipspeech command line: each command checks its options, builds a stage config and calls the library."""
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
+
+
+class Shard(click.ParamType):
+    """I/N: this job's share of the work when N array jobs write one cache together."""
+    name = "I/N"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        try:
+            i, n = (int(x) for x in str(value).split("/"))
+        except ValueError:
+            self.fail(f"{value!r} is not I/N, e.g. 0/4 for the first of four jobs", param, ctx)
+        if not (n >= 1 and 0 <= i < n):
+            self.fail(f"{value!r}: need 0 <= I < N", param, ctx)
+        return i, n
+
+
+def _fail(message: str) -> None:
+    raise click.ClickException(message)
+
+
+def _run(fn, *args):
+    """Runs a library call, turning user errors into clear one-line messages (no traceback)."""
+    try:
+        return fn(*args)
+    except (ValueError, FileNotFoundError) as e:
+        _fail(str(e))
+
+
+@click.group(context_settings=CONTEXT)
+@click.option("-v", "--verbose", is_flag=True, help="Log more detail.")
+def main(verbose: bool) -> None:
+    """clipspeech: train speech encoders in the embedding space of a frozen CLIP model.
+
+    \b
+    The expensive work happens once, in stages that write a feature cache:
+      make-demo      write the built-in synthetic demo corpus and fit its CLIP teacher
+      extract-audio  corpus audio -> MFCCs (or filterbanks) in CACHE/audio
+      embed-images   CLIP teacher -> image, caption and keyword-prompt embeddings in CACHE
+      train          the audio encoder, from the cache only
+      evaluate       six-way retrieval and keyword spotting, JSON and an HTML report
+      demo           all of the above on the demo corpus, in a few minutes on a laptop
+    """
+    # our own messages at INFO; libraries (open_clip logs every config it parses) only from WARNING
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(message)s", stream=sys.stderr)
+    for name in ("pipeline", "trainer", "cache"):
+        logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
+@main.command(context_settings=CONTEXT)
+@click.option("--data", required=True, type=click.Path(path_type=Path),
+              help="Corpus: Flickr8k folder, SpokenCOCO folder or JSON, or a .jsonl manifest.")
+def info(data: Path) -> None:
+    """Read a corpus and report what it holds and what is wrong with it."""
+    from pipeline.corpus import read_corpus
+    click.echo(_run(read_corpus, data).describe())
+
+
+@main.command("extract-audio", context_settings=CONTEXT)
+@click.option("--data", required=True, type=click.Path(path_type=Path),
+              help="Corpus: Flickr8k folder, SpokenCOCO folder or JSON, or a .jsonl manifest.")
+@click.option("--cache", required=True, type=click.Path(path_type=Path, file_okay=False),
+              help="Cache folder (created if missing; reruns resume it).")
+@click.option("--features", "recipe", default="mfcc-seed", show_default=True,
+              help="Feature recipe: mfcc-seed (the seed's 39-dim MFCCs), mfcc-kaldi, fbank.")
+@click.option("--option", "recipe_options", multiple=True, metavar="KEY=VALUE",
+              help="Recipe setting, e.g. --option n_mels=80 for fbank, --option normalisation=speaker.")
+@click.option("--format", "fmt", type=click.Choice(["hdf5", "wds"]), default="hdf5", show_default=True,
+              help="hdf5 part files, or WebDataset tar shards for streaming.")
+@click.option("--workers", type=click.IntRange(min=1), default=None, help="Worker processes [default: all cores].")
+@click.option("--shard", type=Shard(), default="0/1", show_default=True,
+              help="Do part I of N (array jobs); the last one to finish builds the index.")
+@click.option("--part-size", type=click.IntRange(min=1), default=500, show_default=True,
+              help="Utterances per part file (the unit of resume and sharding).")
+@click.option("--max-failures", type=click.IntRange(min=0), default=100, show_default=True,
+              help="Exit non-zero if more utterances than this fail (they are listed in CACHE/failures.jsonl).")
+@click.option("--device", default="cpu", show_default=True,
+              help="cpu: features in the workers; cuda: workers decode, features computed on the GPU in batches.")
+@click.option("--index-only", is_flag=True, help="Only build the index over parts that other jobs wrote.")
+def extract_audio(data, cache, recipe, recipe_options, fmt, workers, shard, part_size, max_failures, device,
+                  index_only):
+    """Decode every utterance once and store its features in CACHE/audio."""
+    from pipeline.extract import ExtractConfig, TooManyFailures, default_workers, extract_audio
+    options = []
+    for item in recipe_options:
+        if "=" not in item:
+            _fail(f"--option {item!r}: expected KEY=VALUE")
+        key, value = item.split("=", 1)
+        options.append((key, _parse_value(value)))
+    cfg = _run(lambda: ExtractConfig(
+        data=data, cache=cache, recipe=recipe, recipe_options=tuple(options), fmt=fmt,
+        workers=workers or default_workers(), shard=shard, part_size=part_size, max_failures=max_failures,
+        batch_device=None if device == "cpu" else device, index_only=index_only))
+    try:
+        summary = _run(extract_audio, cfg)
+    except TooManyFailures as e:
+        click.echo(str(e), err=True)
+        sys.exit(1)
+    click.echo("\n".join(summary.lines()))
+
+
+def _parse_value(text: str):
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return {"true": True, "false": False}.get(text.lower(), text)
+
+
+@main.command("embed-images", context_settings=CONTEXT)
+@click.option("--data", required=True, type=click.Path(path_type=Path), help="Corpus (as for extract-audio).")
+@click.option("--cache", required=True, type=click.Path(path_type=Path, file_okay=False), help="Cache folder.")
+@click.option("--model", required=True,
+              help="open_clip model: a name (ViT-B-32), local-dir:PATH (the demo teacher: local-dir:DEMO/teacher) "
+                   "or hf-hub:ORG/REPO.")
+@click.option("--pretrained", default="none", show_default=True,
+              help="Weights for a named model: an open_clip tag (openai, laion2b_s34b_b79k) where it is cached, a "
+                   "local checkpoint path, or none (random weights, for testing). Ignored for local-dir:/hf-hub:.")
+@click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
+@click.option("--workers", type=click.IntRange(min=0), default=None,
+              help="Image decoding processes [default: all cores].")
+@click.option("--keywords", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="Keyword file, one per line [default: the corpus' keywords.txt, else the 67 Flickr8k keywords].")
+@click.option("--prompt", default="this is a photo of a {}", show_default=True, help="Keyword prompt template.")
+@click.option("--shard", type=Shard(), default="0/1", show_default=True, help="Do part I of N (array jobs).")
+@click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True,
+              help="Storage precision of the embeddings.")
+@click.option("--gpu-decode", is_flag=True, help="Decode JPEGs on the GPU in batches (nvjpeg; needs --device cuda).")
+@click.option("--no-draft", is_flag=True, help="Decode JPEGs at full size (draft mode decodes small targets faster).")
+def embed_images(data, cache, model, pretrained, device, batch_size, workers, keywords, prompt, shard, dtype,
+                 gpu_decode, no_draft):
+    """Embed every image, written caption and keyword prompt with a frozen CLIP teacher."""
+    from pipeline.embed import EmbedConfig, embed_images
+    from pipeline.extract import default_workers
+    if gpu_decode and not device.startswith("cuda"):
+        _fail("--gpu-decode needs --device cuda")
+    cfg = _run(lambda: EmbedConfig(
+        data=data, cache=cache, model=model, pretrained=None if pretrained.lower() == "none" else pretrained,
+        device=device, batch_size=batch_size, workers=default_workers() if workers is None else workers,
+        keywords=keywords, prompt=prompt, shard=shard, dtype=dtype, draft=not no_draft, gpu_decode=gpu_decode))
+    click.echo("\n".join(_run(embed_images, cfg).lines()))
+
+
+def _flag(name: str, help: str):
+    """A --x/--no-x switch whose default is None: unset switches leave the preset's or file's value."""
+    return click.option(f"--{name}/--no-{name}", default=None, help=help)
+
+
+@main.command(context_settings=CONTEXT)
+@click.option("--cache", required=True, type=click.Path(path_type=Path, file_okay=False), help="Cache folder.")
+@click.option("--out", required=True, type=click.Path(path_type=Path, file_okay=False),
+              help="Run folder: config.json, metrics.jsonl, last.pt, best.pt, curves.png.")
+@click.option("--config", "toml", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="TOML file setting any option below (command-line options win).")
+@click.option("--preset", type=click.Choice(["seed", "demo"]), default=None,
+              help="seed: the note's exact set-up (default); demo: tuned for the demo corpus on 2 CPU cores.")
+@click.option("--steps", type=click.IntRange(min=1), default=None, help="Training steps [seed: 25000].")
+@click.option("--batch-size", type=click.IntRange(min=2), default=None, help="Utterances per step [seed: 64].")
+@click.option("--batch-schedule", default=None, metavar="B:STEP,...,B",
+              help="Anneal the batch size, e.g. 64:2000,256:4000,1024 (64 until step 2000, ...).")
+@click.option("--lr", type=float, default=None, help="Peak learning rate [seed: 4e-4].")
+@click.option("--warmup", type=click.IntRange(min=0), default=None, help="Linear warm-up steps [seed: 1000].")
+@click.option("--weight-decay", type=float, default=None, help="AdamW weight decay [0.01].")
+@click.option("--grad-clip", type=float, default=None, help="Max gradient norm, 0 = off [seed: 0].")
+@click.option("--eval-every", type=click.IntRange(min=1), default=None, help="Dev evaluation interval [1000].")
+@click.option("--save-every", type=click.IntRange(min=1), default=None, help="last.pt interval [1000].")
+@click.option("--log-every", type=click.IntRange(min=1), default=None, help="metrics.jsonl interval [50].")
+@click.option("--best-metric", type=click.Choice(["keyword_mAP", "audio_to_image_R@10", "image_to_audio_R@10",
+                                                  "loss"]), default=None, help="What best.pt maximises.")
+@click.option("--device", default=None, help="auto (default), cpu, cuda, cuda:N.")
+@click.option("--seed", type=int, default=None, help="Random seed [42].")
+@click.option("--resume", is_flag=True, default=None, help="Continue RUN_DIR/last.pt exactly where it stopped.")
+@click.option("--stop-after", type=click.IntRange(min=1), default=None,
+              help="Stop after this many steps in this invocation (fits a job's time slot; continue with --resume).")
+@click.option("--layers", type=click.IntRange(min=0), default=None, help="Transformer layers [seed: 8].")
+@click.option("--pos-emb", type=click.Choice(["none", "sinusoidal", "learned"]), default=None,
+              help="Positional embeddings [seed: none].")
+@click.option("--pooling", type=click.Choice(["first", "mean", "attention"]), default=None,
+              help="Utterance vector: output at step 0 (seed), mean or attention over unpadded steps.")
+@_flag("padding-mask", "Mask padded frames in the transformer [seed: off].")
+@click.option("--max-frames", type=click.IntRange(min=16), default=None, help="Frames per utterance cap [2048].")
+@click.option("--targets", type=click.Choice(["image", "text", "image+text"]), default=None,
+              help="What each utterance must pick out of the batch [image].")
+@_flag("symmetric", "Average audio->image and image->audio losses [on].")
+@_flag("spec-augment", "SpecAugment masks during training [on].")
+@_flag("bucket", "Length-bucketed batches [on].")
+@_flag("one-caption-per-image", "Never two captions of one image in a batch [on].")
+@_flag("compile", "torch.compile the encoder (dynamic shapes) [off].")
+@click.option("--threads", type=click.IntRange(min=0), default=None, help="CPU threads for torch (0 = default).")
+def train(toml, preset, **options):
+    """Train the audio encoder on CACHE's train split, validating on its dev split.
+
+    The first logged loss of a fresh run sits near ln(batch size), the chance level of the loss.
+    Multi-GPU: torchrun --nproc-per-node N cli.py train ... (the loss sees the global batch).
+    """
+    from trainer.config import resolve_config
+    from trainer.train import train as run
+    options = {k: (str(v) if isinstance(v, Path) else v) for k, v in options.items()}
+    cfg = _run(lambda: resolve_config(preset, toml, **options))
+    result = _run(run, cfg)
+    best = result["best"]
+    if best.get("value") is not None:
+        click.echo(f"best {best['metric']} {best['value']:.2f} at step {best['step']}; "
+                   f"checkpoints in {cfg.out}")
+
+
+@main.command(context_settings=CONTEXT)
+@click.option("--cache", required=True, type=click.Path(path_type=Path, file_okay=False), help="Cache folder.")
+@click.option("--checkpoint", required=True, type=click.Path(path_type=Path, dir_okay=False),
+              help="RUN_DIR/best.pt or last.pt.")
+@click.option("--split", type=click.Choice(["test", "dev", "train"]), default="test", show_default=True)
+@click.option("--json", "json_out", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="Write the figures as JSON here.")
+@click.option("--html", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="Write a self-contained HTML report here.")
+@click.option("--save-embeddings", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="Write the embeddings behind the figures (.npz).")
+@click.option("--keywords", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="Evaluate only these cached keywords (one per line).")
+@click.option("--prompt", default=None, help="Check that the cached keyword prompts used this template.")
+@click.option("--device", default="cpu", show_default=True)
+def evaluate(cache, checkpoint, split, json_out, html, save_embeddings, keywords, prompt, device):
+    """Six-way retrieval (R@1/5/10) and keyword spotting (mAP, P@10, P@N, EER) on a split."""
+    from trainer.evaluate import EvalConfig, evaluate as run, format_table
+    cfg = _run(lambda: EvalConfig(cache=cache, checkpoint=checkpoint, split=split, json=json_out, html=html,
+                                  save_embeddings=save_embeddings, keywords=keywords, prompt=prompt,
+                                  device=device))
+    results, arrays, chance = _run(run, cfg)
+    click.echo(format_table(results, chance))
+    if html:
+        from trainer.evaluate import write_html
+        click.echo(f"report: {_run(write_html, cfg, results, arrays)}")
+
+
+if __name__ == "__main__":
+    main()

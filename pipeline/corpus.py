@@ -1,0 +1,374 @@
+"""Readers for spoken-caption corpora: Flickr8k Audio Captions, SpokenCOCO and JSONL manifests.
+
+Each reader yields one `Utterance` per spoken caption and a `CorpusReport` that counts what was wrong
+(missing files, duplicate ids, malformed lines, captions without audio) with example paths.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from collections import Counter, OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+SPLITS = ("train", "dev", "test")
+SPLIT_ALIASES = {"train": "train", "dev": "dev", "val": "dev", "valid": "dev", "validation": "dev",
+                 "test": "test", "restval": "train"}
+EXAMPLES_KEPT = 3
+
+
+@dataclass(frozen=True)
+class Utterance:
+    """One spoken caption of one image. Paths are absolute."""
+    utt_id: str
+    audio_path: str
+    image_id: str
+    image_path: str
+    caption: str
+    caption_id: str
+    speaker: str
+    split: str
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Utterance":
+        return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls)})
+
+
+@dataclass
+class Problem:
+    count: int = 0
+    examples: list = field(default_factory=list)
+
+
+@dataclass
+class CorpusReport:
+    """What a reader found wrong, with counts and a few example paths or lines each."""
+    kind: str
+    root: str
+    problems: "OrderedDict[str, Problem]" = field(default_factory=OrderedDict)
+
+    def add(self, what: str, example: str) -> None:
+        p = self.problems.setdefault(what, Problem())
+        p.count += 1
+        if len(p.examples) < EXAMPLES_KEPT:
+            p.examples.append(example)
+
+    def count(self, what: str) -> int:
+        return self.problems[what].count if what in self.problems else 0
+
+    def lines(self) -> list[str]:
+        return [f"{what}: {p.count} (e.g. {', '.join(p.examples)})" for what, p in self.problems.items()]
+
+    def to_dict(self) -> dict:
+        return {what: {"count": p.count, "examples": p.examples} for what, p in self.problems.items()}
+
+
+@dataclass
+class Corpus:
+    kind: str            # "flickr8k" | "spokencoco" | "jsonl"
+    root: str
+    utterances: list[Utterance]
+    report: CorpusReport
+
+    def split_counts(self) -> dict[str, int]:
+        counts = Counter(u.split for u in self.utterances)
+        return {s: counts.get(s, 0) for s in SPLITS}
+
+    def describe(self) -> str:
+        n_images = len({u.image_id for u in self.utterances})
+        splits = ", ".join(f"{s} {n}" for s, n in self.split_counts().items())
+        head = f"{self.kind} corpus at {self.root}: {len(self.utterances)} utterances of {n_images} images ({splits})"
+        return "\n".join([head] + [f"  {line}" for line in self.report.lines()])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Detection
+
+
+def read_corpus(path: str | os.PathLike, check_files: bool = True) -> Corpus:
+    """Detects the corpus kind at `path` and reads it.
+
+    A `.jsonl` file is a manifest; a `.json` file or a folder with `SpokenCOCO_*.json` is SpokenCOCO; a folder
+    with `flickr_audio/wav2capt.txt` (or the `flickr_audio` folder itself) is Flickr8k.
+    """
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such corpus file or folder; --data takes a Flickr8k folder, a "
+                                "SpokenCOCO folder or JSON file, or a .jsonl manifest")
+    if path.is_file():
+        if path.suffix == ".jsonl":
+            return read_jsonl(path, check_files)
+        if path.suffix == ".json":
+            return read_spokencoco(path, check_files=check_files)
+    else:
+        if (path / "flickr_audio" / "wav2capt.txt").is_file():
+            return read_flickr8k(path, check_files)
+        if path.name == "flickr_audio" and (path / "wav2capt.txt").is_file():
+            return read_flickr8k(path.parent, check_files)
+        if sorted(path.glob("SpokenCOCO_*.json")):
+            return read_spokencoco(path, check_files=check_files)
+        manifests = sorted(path.glob("*.jsonl"))
+        if len(manifests) == 1:
+            return read_jsonl(manifests[0], check_files)
+    raise ValueError(f"{path}: not a corpus clipspeech can read. Expected a Flickr8k folder (with "
+                     "flickr_audio/wav2capt.txt, Flickr8k_text/ and Flicker8k_Dataset/), a SpokenCOCO folder or "
+                     "SpokenCOCO_*.json file, or a .jsonl manifest (one utterance per line)")
+
+
+def _finish(kind: str, root: Path, utterances: list[Utterance], report: CorpusReport,
+            check_files: bool) -> Corpus:
+    """Reports missing files and refuses a corpus in which no utterance has its audio."""
+    if check_files:
+        usable = 0
+        seen_images: set[str] = set()
+        for u in utterances:
+            if os.path.isfile(u.audio_path):
+                usable += 1
+            else:
+                report.add("missing audio file", u.audio_path)
+            if u.image_id not in seen_images:
+                seen_images.add(u.image_id)
+                if not os.path.isfile(u.image_path):
+                    report.add("missing image file", u.image_path)
+    else:
+        usable = len(utterances)
+    if usable == 0:
+        why = "; ".join(report.lines()) or "it lists no utterances"
+        raise ValueError(f"{root}: no usable utterances in this {kind} corpus: {why}")
+    return Corpus(kind, str(root), utterances, report)
+
+
+def _split_name(raw: str, where: str) -> str:
+    split = SPLIT_ALIASES.get(str(raw).strip().lower())
+    if split is None:
+        raise ValueError(f"{where}: unknown split {raw!r}; use one of train, dev (or val), test")
+    return split
+
+
+# ----------------------------------------------------------------------------------------------------
+# Flickr8k Audio Caption Corpus + Flickr8k text + images (REFERENCE.md §5)
+
+FLICKR_IMAGE_DIRS = ("Flicker8k_Dataset", "Flickr8k_Dataset", "Flickr8k_Dataset/Flicker8k_Dataset", "Images")
+FLICKR_SPLIT_FILES = (("train", "Flickr_8k.trainImages.txt"), ("dev", "Flickr_8k.devImages.txt"),
+                      ("test", "Flickr_8k.testImages.txt"))
+
+
+def _lines(path: Path) -> list[str]:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing; the Flickr8k layout needs it (see REFERENCE.md §5 / README)")
+    with open(path, encoding="utf-8") as f:
+        return [line.rstrip("\n\r") for line in f]
+
+
+def read_flickr8k(root: str | os.PathLike, check_files: bool = True) -> Corpus:
+    """Reads flickr_audio/{wavs,wav2capt.txt,wav2spk.txt}, Flickr8k_text/ and Flicker8k_Dataset/ under `root`."""
+    root = Path(root).expanduser().resolve()
+    report = CorpusReport("flickr8k", str(root))
+    audio_dir, text_dir = root / "flickr_audio", root / "Flickr8k_text"
+    image_dir = next((root / d for d in FLICKR_IMAGE_DIRS if (root / d).is_dir()), root / FLICKR_IMAGE_DIRS[0])
+
+    split_of: dict[str, str] = {}
+    for split, name in FLICKR_SPLIT_FILES:
+        for line in _lines(text_dir / name):
+            image = line.strip()
+            if not image:
+                continue
+            if image in split_of and split_of[image] != split:
+                report.add("image in two split lists (first kept)", f"{image} ({split_of[image]}, {split})")
+                continue
+            split_of.setdefault(image, split)
+
+    captions: dict[tuple[str, int], str] = {}
+    token_file = text_dir / "Flickr8k.token.txt"
+    for i, line in enumerate(_lines(token_file), 1):
+        if not line.strip():
+            continue
+        m = re.fullmatch(r"(\S+?)#(\d+)\t(.*)", line)
+        if m is None:
+            report.add("malformed caption line", f"{token_file}:{i}")
+            continue
+        captions[(m.group(1), int(m.group(2)))] = m.group(3).strip()
+
+    speakers: dict[str, str] = {}
+    spk_file = audio_dir / "wav2spk.txt"
+    if spk_file.is_file():
+        for i, line in enumerate(_lines(spk_file), 1):
+            parts = line.split()
+            if len(parts) == 2:
+                speakers[parts[0]] = parts[1]
+            elif parts:
+                report.add("malformed speaker line", f"{spk_file}:{i}")
+    else:
+        report.add("no speaker list (speaker 'unknown')", str(spk_file))
+
+    utterances: list[Utterance] = []
+    seen: set[str] = set()
+    spoken: set[tuple[str, int]] = set()
+    capt_file = audio_dir / "wav2capt.txt"
+    for i, line in enumerate(_lines(capt_file), 1):
+        parts = line.split()
+        if not parts:
+            continue
+        if len(parts) != 3 or not re.fullmatch(r"#\d+", parts[2]) or not parts[0].endswith(".wav"):
+            report.add("malformed wav2capt line", f"{capt_file}:{i}")
+            continue
+        wav, image, n = parts[0], parts[1], int(parts[2][1:])
+        utt_id = wav[: -len(".wav")]
+        if utt_id in seen:
+            report.add("duplicate utterance id (first kept)", f"{capt_file}:{i} {wav}")
+            continue
+        seen.add(utt_id)
+        spoken.add((image, n))
+        if image not in split_of:
+            report.add("image in no split list (left out)", image)
+            continue
+        caption = captions.get((image, n))
+        if caption is None:
+            report.add("no caption text for utterance (left out)", f"{wav} -> {image}#{n}")
+            continue
+        if wav not in speakers and spk_file.is_file():
+            report.add("utterance without speaker ('unknown')", wav)
+        image_id = image.rsplit(".", 1)[0]
+        utterances.append(Utterance(
+            utt_id=utt_id, audio_path=str(audio_dir / "wavs" / wav), image_id=image_id,
+            image_path=str(image_dir / image), caption=caption, caption_id=f"{image_id}#{n}",
+            speaker=speakers.get(wav, "unknown"), split=split_of[image]))
+
+    for (image, n) in captions:
+        if image in split_of and (image, n) not in spoken:
+            report.add("caption without audio", f"{image}#{n}")
+    return _finish("flickr8k", root, utterances, report, check_files)
+
+
+# ----------------------------------------------------------------------------------------------------
+# SpokenCOCO (REFERENCE.md §5)
+
+
+def _spokencoco_files(root: Path) -> list[tuple[Path, str]]:
+    """The Karpathy-split files when present (they have a test split), else the original train/val files."""
+    karpathy = [(root / f"SpokenCOCO_{s}_karpathy.json", s) for s in ("train", "val", "test")]
+    karpathy = [(p, s) for p, s in karpathy if p.is_file()]
+    if karpathy:
+        return karpathy
+    plain = [(root / f"SpokenCOCO_{s}.json", s) for s in ("train", "val")]
+    plain = [(p, s) for p, s in plain if p.is_file()]
+    if not plain:
+        raise FileNotFoundError(f"{root}: no SpokenCOCO_{{train,val,test}}_karpathy.json or "
+                                "SpokenCOCO_{train,val}.json here")
+    return plain
+
+
+def _split_from_filename(path: Path) -> str:
+    m = re.fullmatch(r"SpokenCOCO_(\w+?)(?:_karpathy)?\.json", path.name)
+    return _split_name(m.group(1) if m else "train", str(path))
+
+
+def read_spokencoco(path: str | os.PathLike, image_root: str | os.PathLike | None = None,
+                    check_files: bool = True) -> Corpus:
+    """Reads SpokenCOCO JSON: a folder (Karpathy-split files preferred) or one JSON file.
+
+    Audio paths ("wavs/...") are relative to the JSON's folder; image paths ("train2014/...") are resolved
+    under `image_root`, else the first of ROOT, ROOT/images, ROOT/.. that holds the first image.
+    """
+    path = Path(path).expanduser().resolve()
+    root = path.parent if path.is_file() else path
+    files = [path] if path.is_file() else [p for p, _ in _spokencoco_files(root)]
+    report = CorpusReport("spokencoco", str(root))
+
+    entries: list[tuple[dict, str, str]] = []
+    for file in files:
+        split = _split_from_filename(file)
+        try:
+            with open(file, encoding="utf-8") as f:
+                data = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{file}: not valid JSON ({e}); re-download the SpokenCOCO metadata") from None
+        if not isinstance(data, dict) or not isinstance(data.get("data"), list):
+            raise ValueError(f"{file}: expected {{\"data\": [{{\"image\": ..., \"captions\": [...]}}]}}")
+        entries.extend((item, split, f"{file}:data[{i}]") for i, item in enumerate(data["data"]))
+
+    if image_root is None:
+        candidates = [root, root / "images", root.parent]
+        first = next((e[0].get("image") for e in entries if isinstance(e[0], dict) and e[0].get("image")), None)
+        image_root = next((c for c in candidates if first and (c / first).is_file()), root)
+    image_root = Path(image_root).expanduser().resolve()
+
+    utterances: list[Utterance] = []
+    seen: set[str] = set()
+    for item, split, where in entries:
+        if not isinstance(item, dict) or not isinstance(item.get("image"), str) \
+                or not isinstance(item.get("captions"), list):
+            report.add("malformed entry", where)
+            continue
+        image_id = Path(item["image"]).stem
+        for n, cap in enumerate(item["captions"]):
+            if not isinstance(cap, dict) or not cap.get("wav"):
+                report.add("caption without audio", f"{where}.captions[{n}]")
+                continue
+            if not isinstance(cap.get("text"), str):
+                report.add("malformed caption", f"{where}.captions[{n}]")
+                continue
+            utt_id = str(cap.get("uttid") or Path(cap["wav"]).stem)
+            if utt_id in seen:
+                report.add("duplicate utterance id (first kept)", f"{where}.captions[{n}] {utt_id}")
+                continue
+            seen.add(utt_id)
+            utterances.append(Utterance(
+                utt_id=utt_id, audio_path=str(root / cap["wav"]), image_id=image_id,
+                image_path=str(image_root / item["image"]), caption=cap["text"].strip(),
+                caption_id=f"{image_id}#{n}", speaker=str(cap.get("speaker", "unknown")), split=split))
+    return _finish("spokencoco", root, utterances, report, check_files)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Generic JSONL manifest
+
+JSONL_FIELDS = "audio, image, caption, split (required); id, image_id, caption_id, speaker (optional)"
+
+
+def read_jsonl(path: str | os.PathLike, check_files: bool = True) -> Corpus:
+    """Reads a manifest with one JSON object per line; relative paths are relative to the manifest's folder.
+
+    Fields: "audio", "image", "caption", "split" (train/dev/val/test) are required; "id" (default: the audio
+    file's stem), "image_id" (default: the image file's stem), "caption_id" (default: the utterance id) and
+    "speaker" (default "unknown") are optional.
+    """
+    path = Path(path).expanduser().resolve()
+    root = path.parent
+    report = CorpusReport("jsonl", str(path))
+    utterances: list[Utterance] = []
+    seen: set[str] = set()
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{i}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                report.add("malformed line (not JSON)", where)
+                continue
+            if not isinstance(row, dict) or not all(isinstance(row.get(k), str) and row.get(k)
+                                                    for k in ("audio", "image", "caption", "split")):
+                report.add(f"line without one of audio, image, caption, split ({JSONL_FIELDS})", where)
+                continue
+            if row["split"].lower() not in SPLIT_ALIASES:
+                report.add("unknown split (use train, dev/val, test)", f"{where} {row['split']!r}")
+                continue
+            audio, image = root / row["audio"], root / row["image"]
+            utt_id = str(row.get("id") or audio.stem)
+            if utt_id in seen:
+                report.add("duplicate utterance id (first kept)", f"{where} {utt_id}")
+                continue
+            seen.add(utt_id)
+            utterances.append(Utterance(
+                utt_id=utt_id, audio_path=str(audio), image_id=str(row.get("image_id") or image.stem),
+                image_path=str(image), caption=row["caption"].strip(),
+                caption_id=str(row.get("caption_id") or utt_id), speaker=str(row.get("speaker", "unknown")),
+                split=_split_name(row["split"], where)))
+    return _finish("jsonl", path, utterances, report, check_files)

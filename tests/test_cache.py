@@ -1,0 +1,351 @@
+"""Feature-cache stores (both formats) read back by our reader, webdataset and h5py; manifest and records."""
+import json
+import multiprocessing
+import os
+import pathlib
+import pickle
+import subprocess
+import sys
+
+import h5py
+import numpy as np
+import pytest
+
+from cache.manifest import (MANIFEST, CacheMismatchError, append_failures, atomic_write_text, claim_section,
+                            read_failures, read_manifest, read_records, record_stage_failures, settings_diff,
+                            write_records)
+from cache.store import (FORMATS, PartWriter, StoreReader, build_index, completed_parts, escape_key,
+                         part_path, remove_temporaries, unescape_key)
+
+DIMS = 7
+TRICKY = ["1000_aa.wav", "a/b/c.d", "100%", "%2E", "café.ünïcode/日本", "..", "__x__", "a b"]
+
+
+def make_items(seed: int = 0) -> dict[str, np.ndarray]:
+    """Random arrays of varied lengths; the tricky keys first, then plain ones."""
+    rng = np.random.default_rng(seed)
+    keys = TRICKY + [f"utt{i:03d}.wav" for i in range(22)]
+    return {k: (rng.standard_normal((int(rng.integers(1, 60)), DIMS)) * 3).astype(np.float32) for k in keys}
+
+
+def write_store(store, fmt, items, n_parts=3, dtype="float16", empty_part=True):
+    """Items split over `n_parts` parts (round robin), plus an empty part; returns the keys in index order."""
+    keys = list(items)
+    order = []
+    for part in range(n_parts):
+        with PartWriter(store, part, fmt, DIMS, dtype=dtype, attrs={"recipe": {"name": "t", "n": 13}}) as w:
+            for key in keys[part::n_parts]:
+                w.add(key, items[key], meta={"len": len(items[key])} if key.startswith("utt") else None)
+                order.append(key)
+    if empty_part:
+        PartWriter(store, n_parts, fmt, DIMS, dtype=dtype, attrs={"recipe": {"name": "t", "n": 13}}).commit()
+    return order
+
+
+def test_escape_key_is_reversible_and_has_no_dots_or_slashes():
+    for key in TRICKY + ["%252E", "%%2F."]:
+        escaped = escape_key(key)
+        assert "." not in escaped and "/" not in escaped
+        assert unescape_key(escaped) == key
+    assert escape_key("a.b/c%") == "a%2Eb%2Fc%25"
+    with pytest.raises(ValueError):
+        escape_key("")
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_round_trip(tmp_path, fmt):
+    store = tmp_path / "audio"
+    items = make_items()
+    order = write_store(store, fmt, items)
+    assert sorted(completed_parts(store)) == [0, 1, 2, 3]
+    assert build_index(store) == len(items)
+
+    reader = StoreReader(store)
+    expected = {k: v.astype(np.float16) for k, v in items.items()}
+    assert (reader.fmt, reader.dims, reader.dtype) == (fmt, DIMS, np.float16)
+    assert reader.attrs == {"recipe": {"name": "t", "n": 13}}
+    assert reader.ids == order and len(reader) == len(items)
+    assert reader.lengths.dtype == np.int64
+    assert reader.lengths.tolist() == [len(items[k]) for k in order]
+    assert all(k in reader for k in items) and "missing" not in reader
+    for key in items:
+        got = reader.get(key)
+        assert got.dtype == np.float16 and np.array_equal(got, expected[key]), key
+        assert reader.meta(key) == ({"len": len(items[key])} if key.startswith("utt") else {})
+    assert [k for k, _ in reader] == order
+    assert all(np.array_equal(a, expected[k]) for k, a in reader)
+    batches = list(reader.iter_batches(4))
+    assert [len(b) for b in batches] == [4] * 7 + [2]
+    assert [k for b in batches for k, _ in b] == order
+
+    features, offsets, ids = reader.load_all()
+    assert ids == order and features.shape == (offsets[-1], DIMS) and offsets.dtype == np.int64
+    for i, key in enumerate(ids):
+        assert np.array_equal(features[offsets[i]:offsets[i + 1]], expected[key])
+    keys = [order[5], order[0], "café.ünïcode/日本", order[5]]  # any order, across parts, repeats
+    features, offsets, ids = reader.load_all(keys)
+    assert ids == keys and len(offsets) == 5
+    for i, key in enumerate(keys):
+        assert np.array_equal(features[offsets[i]:offsets[i + 1]], expected[key])
+    with pytest.raises(KeyError, match="nope.*audio"):
+        reader.get("nope")
+    reader.close()
+
+
+def test_webdataset_reads_every_sample_of_wds_parts(tmp_path):
+    import webdataset  # here, not at the top: it imports torch, which spawned workers would pay for
+
+    store = tmp_path / "audio"
+    items = make_items(1)
+    write_store(store, "wds", items)
+    urls = [str(p) for p in completed_parts(store).values()]
+    seen = {}
+    for sample in webdataset.WebDataset(urls, shardshuffle=False).decode():
+        assert unescape_key(sample["__key__"]) == sample["json"]["id"]
+        assert sample["json"]["frames"] == len(sample["npy"])
+        seen[sample["json"]["id"]] = sample["npy"]
+    assert set(seen) == set(items)
+    for key, array in seen.items():
+        assert array.dtype == np.float16 and np.array_equal(array, items[key].astype(np.float16))
+    assert json.loads((store / "store.json").read_text())["format"] == "wds"
+
+
+def test_h5py_reads_hdf5_part(tmp_path):
+    store = tmp_path / "audio"
+    items = make_items(2)
+    write_store(store, "hdf5", items, n_parts=1, empty_part=False)
+    with h5py.File(part_path(store, 0, "hdf5"), "r") as f:
+        features, offsets = f["features"][:], f["offsets"][:]
+        ids = [b.decode("utf-8") for b in f["ids"][:]]
+        assert f["ids"].dtype.kind == "S" and f["features"].chunks is not None
+        assert json.loads(f.attrs["recipe"]) == {"name": "t", "n": 13}
+    assert ids == list(items) and offsets.dtype == np.int64 and len(offsets) == len(ids) + 1
+    for i, key in enumerate(ids):
+        assert np.array_equal(features[offsets[i]:offsets[i + 1]], items[key].astype(np.float16))
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_exception_inside_writer_leaves_nothing(tmp_path, fmt):
+    store = tmp_path / "s"
+    with pytest.raises(RuntimeError):
+        with PartWriter(store, 7, fmt, DIMS) as writer:
+            writer.add("a", np.ones((3, DIMS)))
+            raise RuntimeError("stage failed")
+    assert completed_parts(store) == {}
+    assert sorted(p.name for p in store.iterdir()) == ["store.json"]
+
+
+def _killed_writer(store, fmt):
+    writer = PartWriter(store, 3, fmt, DIMS)
+    writer.add("a", np.ones((3, DIMS)))
+    os._exit(1)  # killed mid-part: no commit, no abort
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_leftover_temporary_is_not_a_part_and_is_removed(tmp_path, fmt):
+    store = tmp_path / "s"
+    PartWriter(store, 0, fmt, DIMS).commit()
+    child = multiprocessing.get_context("fork").Process(target=_killed_writer, args=(store, fmt))
+    child.start()
+    child.join()
+    leftovers = [p.name for p in store.iterdir() if ".tmp-" in p.name]
+    assert leftovers == [f"{part_path(store, 3, fmt).name}.tmp-{child.pid}"]
+    assert list(completed_parts(store)) == [0]
+    assert build_index(store) == 0 and len(StoreReader(store)) == 0
+    assert remove_temporaries(store) == 1
+    assert not [p for p in store.iterdir() if ".tmp-" in p.name]
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_duplicate_ids_across_parts_name_both_parts(tmp_path, fmt):
+    for part in (4, 9):
+        with PartWriter(tmp_path, part, fmt, DIMS) as writer:
+            writer.add(f"only-in-{part}", np.zeros((1, DIMS)))
+            writer.add("twice", np.zeros((2, DIMS)))
+    with pytest.raises(ValueError, match=r"'twice'.*part-00004.*part-00009"):
+        build_index(tmp_path)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_reader_needs_a_current_index(tmp_path, fmt):
+    write_store(tmp_path, fmt, make_items(), n_parts=2, empty_part=False)
+    with pytest.raises(FileNotFoundError, match=r"index.*--index-only"):
+        StoreReader(tmp_path)
+    build_index(tmp_path)
+    with PartWriter(tmp_path, 5, fmt, DIMS, attrs={"recipe": {"name": "t", "n": 13}}) as writer:
+        writer.add("late", np.zeros((1, DIMS)))
+    with pytest.raises(ValueError, match=r"part-00005.*--index-only"):
+        StoreReader(tmp_path)
+    build_index(tmp_path)
+    assert "late" in StoreReader(tmp_path)
+
+
+def _read_in_worker(args):
+    reader, key = args
+    return os.getpid(), key, reader.get(key), reader.load_all([key])[0]
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_reader_works_in_worker_processes(tmp_path, fmt, method):
+    items = make_items(3)
+    write_store(tmp_path, fmt, items)
+    build_index(tmp_path)
+    reader = StoreReader(tmp_path)
+    reader.get(TRICKY[0])  # the parent holds open handles when the workers start
+    keys = list(items)[::3]
+    with multiprocessing.get_context(method).Pool(2) as pool:
+        results = pool.map(_read_in_worker, [(reader, k) for k in keys], chunksize=1)
+    assert {pid for pid, *_ in results} - {os.getpid()}
+    for _, key, got, loaded in results:
+        assert np.array_equal(got, items[key].astype(np.float16))
+        assert np.array_equal(loaded, got)
+    assert np.array_equal(reader.get(keys[0]), items[keys[0]].astype(np.float16))
+    assert pickle.loads(pickle.dumps(reader)).ids == reader.ids
+
+
+_INHERITED = None  # a reader that forked workers inherit as it is, without pickling (DataLoader-style)
+
+
+def _read_inherited(key):
+    return key, _INHERITED.get(key)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_reader_inherited_by_forked_workers(tmp_path, fmt):
+    global _INHERITED
+    items = make_items(5)
+    write_store(tmp_path, fmt, items)
+    build_index(tmp_path)
+    _INHERITED = StoreReader(tmp_path)
+    try:
+        _INHERITED.load_all()  # open handles in the parent
+        with multiprocessing.get_context("fork").Pool(2) as pool:
+            results = pool.map(_read_inherited, list(items), chunksize=4)
+        for key, got in results:
+            assert np.array_equal(got, items[key].astype(np.float16))
+        assert np.array_equal(_INHERITED.get(TRICKY[1]), items[TRICKY[1]].astype(np.float16))
+    finally:
+        _INHERITED.close()
+        _INHERITED = None
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_float32_on_request_is_exact(tmp_path, fmt):
+    items = make_items(4)
+    items["big"] = np.full((2, DIMS), 1e6, dtype=np.float32)  # beyond float16
+    write_store(tmp_path, fmt, items, n_parts=2, dtype="float32")
+    build_index(tmp_path)
+    reader = StoreReader(tmp_path)
+    assert reader.dtype == np.float32
+    for key, array in items.items():
+        assert reader.get(key).dtype == np.float32 and np.array_equal(reader.get(key), array)
+    assert reader.load_all()[0].dtype == np.float32
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_add_rejects_bad_items(tmp_path, fmt):
+    with PartWriter(tmp_path, 0, fmt, DIMS) as writer:
+        with pytest.raises(ValueError, match=r"\(frames > 0, 7\).*\(4, 8\)"):
+            writer.add("wide", np.zeros((4, DIMS + 1)))
+        for bad in (np.zeros((0, DIMS)), np.zeros(DIMS), np.full((2, DIMS), np.nan)):
+            with pytest.raises(ValueError):
+                writer.add("bad", bad)
+        with pytest.raises(ValueError, match="float32"):
+            writer.add("huge", np.full((1, DIMS), 1e6))
+        writer.add("ok", np.zeros((1, DIMS)))
+        with pytest.raises(ValueError, match="already added"):
+            writer.add("ok", np.zeros((1, DIMS)))
+        with pytest.raises(ValueError, match="reserved"):
+            writer.add("meta", np.zeros((1, DIMS)), meta={"id": "other"})
+    assert build_index(tmp_path) == 1
+    with pytest.raises(ValueError, match=r"dims: cache has 7, requested 8"):
+        PartWriter(tmp_path, 1, fmt, DIMS + 1)
+    with pytest.raises(ValueError, match="already complete"):
+        PartWriter(tmp_path, 0, fmt, DIMS)
+
+
+def test_claim_section_writes_then_checks(tmp_path):
+    features = {"recipe": "mfcc-seed", "n_mels": 80, "window": [400, 160], "extra": {"lifter": 22}}
+    assert read_manifest(tmp_path) == {}
+    claim_section(tmp_path, "features", features)
+    claim_section(tmp_path, "clip", {"model": "ViT-B-16"})
+    assert read_manifest(tmp_path) == {"features": features, "clip": {"model": "ViT-B-16"}}
+    before = (tmp_path / MANIFEST).stat().st_mtime_ns
+    claim_section(tmp_path, "features", {**features, "window": (400, 160)})  # a tuple reads back as a list
+    assert (tmp_path / MANIFEST).stat().st_mtime_ns == before
+
+    requested = {"recipe": "mfcc-seed", "n_mels": 40, "window": [400, 160], "extra": {"lifter": 0},
+                 "deltas": True}
+    with pytest.raises(CacheMismatchError) as err:
+        claim_section(tmp_path, "features", requested, fix=f"delete {tmp_path}/audio")
+    message = str(err.value)
+    assert str(tmp_path) in message and "'features'" in message
+    assert "features.n_mels: cache has 80, requested 40" in message
+    assert "features.extra.lifter: cache has 22, requested 0" in message
+    assert "features.deltas: cache has (absent), requested true" in message
+    assert "recipe" not in message and "window" not in message
+    assert f"delete {tmp_path}/audio" in message
+    assert read_manifest(tmp_path)["features"] == features
+
+
+def test_settings_diff_is_type_aware():
+    assert settings_diff({"a": 1, "b": 0.5}, {"a": 1.0, "b": 0.5}) == []
+    assert settings_diff({"a": True}, {"a": 1}) == ["a: cache has true, requested 1"]
+    assert settings_diff({"a": {"b": 1}}, {}, prefix="x") == ['x.a: cache has {"b": 1}, requested (absent)']
+
+
+def test_corrupt_manifest_is_named(tmp_path):
+    (tmp_path / MANIFEST).write_text('{"features": ')
+    with pytest.raises(ValueError, match=f"{tmp_path / MANIFEST}.*not valid JSON"):
+        read_manifest(tmp_path)
+    with pytest.raises(ValueError, match="not valid JSON"):
+        claim_section(tmp_path, "features", {"n_mels": 80})
+
+
+def test_records_round_trip_and_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"records\.jsonl.*extract-audio"):
+        read_records(tmp_path)
+    records = [{"utt_id": "1000_aa_0", "caption": "a dog é 日本", "split": "train"}, {"utt_id": "x", "n": 2}]
+    write_records(tmp_path, records)
+    assert read_records(tmp_path) == records
+    write_records(tmp_path, records[:1])  # replaced, not appended
+    assert read_records(tmp_path) == records[:1]
+    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+
+
+def test_failures_append_and_tolerate_a_torn_last_line(tmp_path):
+    assert read_failures(tmp_path) == []
+    append_failures(tmp_path, [{"stage": "extract-audio", "id": "u1", "path": "/a.wav", "reason": "empty"}])
+    append_failures(tmp_path, iter([{"stage": "embed-images", "id": "i1", "reason": "bad jpeg"}]))
+    append_failures(tmp_path, [])
+    with pytest.raises(ValueError, match="reason"):
+        append_failures(tmp_path, [{"stage": "x", "id": "y"}])
+    with open(tmp_path / "failures.jsonl", "a") as f:
+        f.write('{"stage": "extract-au')  # a writer killed mid-line
+    assert read_failures(tmp_path) == [
+        {"stage": "extract-audio", "id": "u1", "path": "/a.wav", "reason": "empty"},
+        {"stage": "embed-images", "id": "i1", "path": None, "reason": "bad jpeg"}]
+
+
+def test_record_stage_failures_replaces_only_that_stage(tmp_path):
+    append_failures(tmp_path, [{"stage": "images", "id": "i1", "path": "/i1.jpg", "reason": "truncated"}])
+    first = [{"stage": "audio", "id": f"u{i}", "path": f"/u{i}.wav", "reason": "empty"} for i in range(3)]
+    record_stage_failures(tmp_path, "audio", first)
+    record_stage_failures(tmp_path, "audio", first[1:])  # a rerun re-reports what still fails
+    stages_ids = [(f["stage"], f["id"]) for f in read_failures(tmp_path)]
+    assert stages_ids == [("images", "i1"), ("audio", "u1"), ("audio", "u2")]
+    with pytest.raises(ValueError, match="'images', not 'audio'"):
+        record_stage_failures(tmp_path, "audio", [{"stage": "images", "id": "x", "reason": "r"}])
+
+
+def test_atomic_write_text_replaces_whole_file(tmp_path):
+    atomic_write_text(tmp_path / "sub" / "f.txt", "first")
+    atomic_write_text(tmp_path / "sub" / "f.txt", "é")
+    assert (tmp_path / "sub" / "f.txt").read_text(encoding="utf-8") == "é"
+    assert os.listdir(tmp_path / "sub") == ["f.txt"]
+
+
+def test_cache_package_does_not_import_torch():
+    code = "import sys, cache.store, cache.manifest; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], cwd=pathlib.Path(__file__).parents[1]).returncode == 0

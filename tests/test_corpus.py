@@ -1,0 +1,171 @@
+"""Corpus readers against tiny corpora written here, quirks of the real layouts included."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from pipeline.corpus import Utterance, read_corpus, read_flickr8k, read_jsonl, read_spokencoco
+
+
+def wav(path: Path, seconds: float = 0.3) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    t = np.arange(int(16000 * seconds)) / 16000
+    sf.write(path, (0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32), 16000, subtype="PCM_16")
+
+
+def touch(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"\xff\xd8\xff")
+
+
+def write_flickr(root: Path) -> None:
+    """Three images in splits (a, b, c), one outside any split (d); quirks listed in the assertions."""
+    text, audio, images = root / "Flickr8k_text", root / "flickr_audio", root / "Flicker8k_Dataset"
+    text.mkdir(parents=True)
+    (text / "Flickr_8k.trainImages.txt").write_text("1000_aa.jpg\n1001_bb.jpg\n")
+    (text / "Flickr_8k.devImages.txt").write_text("1002_cc.jpg\n")
+    (text / "Flickr_8k.testImages.txt").write_text("")
+    tokens = []
+    for image in ("1000_aa", "1001_bb", "1002_cc", "1003_dd"):
+        touch(images / f"{image}.jpg")
+        tokens += [f"{image}.jpg#{n}\tA dog runs on the grass number {n} ." for n in range(5)]
+    tokens.append("this line is broken")
+    (text / "Flickr8k.token.txt").write_text("\n".join(tokens) + "\n")
+    capt, spk = [], []
+    for image in ("1000_aa", "1001_bb", "1002_cc", "1003_dd"):
+        for n in range(5):
+            if image == "1002_cc" and n == 4:
+                continue  # a caption without audio
+            name = f"{image}_{n}.wav"
+            capt.append(f"{name} {image}.jpg #{n}")
+            spk.append(f"{name} {n % 2 + 1}")
+            if name != "1001_bb_3.wav":  # listed but missing on disk
+                wav(audio / "wavs" / name)
+    capt.append("1000_aa_0.wav 1000_aa.jpg #0")  # duplicate id
+    capt.append("garbage")  # malformed
+    (audio / "wav2capt.txt").write_text("\n".join(capt) + "\n")
+    (audio / "wav2spk.txt").write_text("\n".join(spk) + "\n")
+
+
+def test_flickr8k_layout_and_quirks(tmp_path):
+    write_flickr(tmp_path)
+    corpus = read_corpus(tmp_path)
+    assert corpus.kind == "flickr8k"
+    # 1000_aa and 1001_bb (train, 5 each) + 1002_cc (dev, 4 spoken); 1003_dd is in no split list
+    assert len(corpus.utterances) == 14
+    assert corpus.split_counts() == {"train": 10, "dev": 4, "test": 0}
+    u = next(u for u in corpus.utterances if u.utt_id == "1001_bb_2")
+    assert u.image_id == "1001_bb" and u.caption_id == "1001_bb#2" and u.speaker == "1"
+    assert u.caption == "A dog runs on the grass number 2 ."
+    assert u.image_path == str((tmp_path / "Flicker8k_Dataset" / "1001_bb.jpg").resolve())
+    assert u.audio_path.endswith("flickr_audio/wavs/1001_bb_2.wav")
+    r = corpus.report
+    assert r.count("image in no split list (left out)") == 5
+    assert r.count("caption without audio") == 1
+    assert r.count("duplicate utterance id (first kept)") == 1
+    assert r.count("malformed wav2capt line") == 1
+    assert r.count("malformed caption line") == 1
+    assert r.count("missing audio file") == 1
+    assert "1001_bb_3.wav" in r.problems["missing audio file"].examples[0]
+    assert "missing audio file: 1" in corpus.describe()
+
+
+def test_flickr8k_accepts_the_audio_folder_itself(tmp_path):
+    write_flickr(tmp_path)
+    assert len(read_corpus(tmp_path / "flickr_audio").utterances) == 14
+
+
+def test_flickr8k_without_any_audio_is_an_error_that_says_why(tmp_path):
+    write_flickr(tmp_path)
+    for f in (tmp_path / "flickr_audio" / "wavs").glob("*.wav"):
+        f.unlink()
+    with pytest.raises(ValueError, match="no usable utterances.*missing audio file"):
+        read_flickr8k(tmp_path)
+
+
+def test_flickr8k_missing_split_file_names_it(tmp_path):
+    write_flickr(tmp_path)
+    (tmp_path / "Flickr8k_text" / "Flickr_8k.devImages.txt").unlink()
+    with pytest.raises(FileNotFoundError, match="Flickr_8k.devImages.txt"):
+        read_corpus(tmp_path)
+
+
+def spokencoco_item(image: str, wavs: list[str]) -> dict:
+    return {"image": image, "captions": [
+        {"text": f"a cat sitting {i}", "wav": w, "speaker": f"spk{i}", "uttid": Path(w).stem}
+        for i, w in enumerate(wavs)]}
+
+
+def test_spokencoco_karpathy_splits_and_problems(tmp_path):
+    for split, image in (("train", "train2014/COCO_1.jpg"), ("val", "val2014/COCO_2.jpg"),
+                         ("test", "val2014/COCO_3.jpg")):
+        wavs = [f"wavs/{split}/0/{split}-u{i}.wav" for i in range(2)]
+        for w in wavs:
+            wav(tmp_path / w)
+        touch(tmp_path / "images" / image)
+        data = {"data": [spokencoco_item(image, wavs)]}
+        if split == "train":
+            data["data"][0]["captions"].append({"text": "no audio here"})
+            data["data"].append({"captions": []})
+        (tmp_path / f"SpokenCOCO_{split}_karpathy.json").write_text(json.dumps(data))
+    # the non-Karpathy files are ignored when the Karpathy ones exist
+    (tmp_path / "SpokenCOCO_train.json").write_text("{not json")
+    corpus = read_corpus(tmp_path)
+    assert corpus.kind == "spokencoco"
+    assert corpus.split_counts() == {"train": 2, "dev": 2, "test": 2}
+    u = corpus.utterances[2]
+    assert (u.utt_id, u.image_id, u.caption_id, u.speaker) == ("val-u0", "COCO_2", "COCO_2#0", "spk0")
+    assert u.image_path == str(tmp_path.resolve() / "images" / "val2014" / "COCO_2.jpg")
+    assert corpus.report.count("caption without audio") == 1
+    assert corpus.report.count("malformed entry") == 1
+    assert corpus.report.count("missing image file") == 0
+
+
+def test_spokencoco_single_file_and_bad_json(tmp_path):
+    wav(tmp_path / "wavs" / "a.wav")
+    (tmp_path / "SpokenCOCO_val.json").write_text(json.dumps({"data": [spokencoco_item("val2014/x.jpg",
+                                                                                       ["wavs/a.wav"])]}))
+    corpus = read_spokencoco(tmp_path / "SpokenCOCO_val.json")
+    assert [u.split for u in corpus.utterances] == ["dev"]
+    assert corpus.report.count("missing image file") == 1
+    (tmp_path / "SpokenCOCO_val.json").write_text("[1, 2")
+    with pytest.raises(ValueError, match="SpokenCOCO_val.json: not valid JSON"):
+        read_corpus(tmp_path / "SpokenCOCO_val.json")
+
+
+def test_jsonl_manifest(tmp_path):
+    wav(tmp_path / "a" / "one.wav")
+    wav(tmp_path / "a" / "two.wav")
+    touch(tmp_path / "img" / "pic.jpg")
+    lines = [
+        {"audio": "a/one.wav", "image": "img/pic.jpg", "caption": "a red ball", "split": "train", "speaker": "s1"},
+        {"id": "u2", "audio": "a/two.wav", "image": "img/pic.jpg", "caption": "the ball", "split": "val",
+         "caption_id": "c2", "image_id": "P"},
+        {"audio": "a/one.wav", "image": "img/pic.jpg", "caption": "dup", "split": "train"},
+        {"audio": "a/three.wav", "image": "img/pic.jpg", "split": "train"},
+        {"audio": "a/two.wav", "image": "img/pic.jpg", "caption": "x", "split": "holdout", "id": "u3"},
+    ]
+    manifest = tmp_path / "corpus.jsonl"
+    manifest.write_text("\n".join(json.dumps(x) for x in lines) + "\nnot json\n")
+    corpus = read_corpus(tmp_path)  # a folder holding one manifest is detected too
+    assert corpus.kind == "jsonl"
+    assert corpus.utterances == read_jsonl(manifest).utterances
+    one, two = corpus.utterances
+    assert one == Utterance("one", str(tmp_path / "a" / "one.wav"), "pic", str(tmp_path / "img" / "pic.jpg"),
+                            "a red ball", "one", "s1", "train")
+    assert (two.utt_id, two.image_id, two.caption_id, two.speaker, two.split) == ("u2", "P", "c2", "unknown", "dev")
+    r = corpus.report
+    assert r.count("duplicate utterance id (first kept)") == 1
+    assert r.count("malformed line (not JSON)") == 1
+    assert r.count("unknown split (use train, dev/val, test)") == 1
+    assert sum(p.count for k, p in r.problems.items() if k.startswith("line without")) == 1
+
+
+def test_unknown_paths_are_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such corpus"):
+        read_corpus(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="not a corpus clipspeech can read"):
+        read_corpus(tmp_path / "empty")

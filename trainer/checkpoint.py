@@ -1,0 +1,64 @@
+"""Checkpoints: one plain dict (model dims, run config, weights, optimiser, RNG and sampler state), written
+atomically so a crash mid-write never leaves a truncated last.pt or best.pt."""
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from trainer.model import CnnTransformer, EncoderConfig
+
+
+def save_checkpoint(path: str | Path, state: dict) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        torch.save(state, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no checkpoint here (train writes RUN_DIR/last.pt and best.pt)")
+    try:
+        # our own files, but they hold numpy RNG state and config dicts: weights_only=False is needed
+        state = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as e:
+        raise ValueError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(state, dict) or "model" not in state or "encoder" not in state:
+        raise ValueError(f"{path}: not a clipspeech checkpoint (no 'model'/'encoder' entries)")
+    return state
+
+
+def load_encoder(path: str | Path, device="cpu") -> tuple[CnnTransformer, dict]:
+    """The trained encoder of a checkpoint, in eval mode, and the whole checkpoint dict."""
+    state = load_checkpoint(path)
+    model = CnnTransformer(EncoderConfig.from_dict(state["encoder"]))
+    model.load_state_dict(state["model"])
+    return model.to(device).eval(), state
+
+
+def rng_state(generator: torch.Generator) -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+             "augment": generator.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict, generator: torch.Generator) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    generator.set_state(state["augment"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

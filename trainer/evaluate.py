@@ -1,0 +1,204 @@
+"""Evaluation of an audio encoder against the cache: embeddings of a split, six-way retrieval, keyword
+spotting (REFERENCE.md §3), the printed table, the JSON file and the embeddings behind them."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cache.manifest import atomic_write_json, read_manifest, read_records
+from cache.store import StoreReader
+from trainer.data import TEXTS, SplitData, load_keywords, load_split
+from trainer.metrics import chance_recall, keyword_chance, keyword_relevance, keyword_spotting, six_way_retrieval
+from trainer.precision import autocast
+
+PAIRS = (("audio_to_image", "audio -> image"), ("audio_to_text", "audio -> text"),
+         ("image_to_audio", "image -> audio"), ("image_to_text", "image -> text"),
+         ("text_to_audio", "text -> audio"), ("text_to_image", "text -> image"))
+
+
+@torch.no_grad()
+def embed_audio(model, data: SplitData, batch_size: int = 256, max_frames: int = 2048) -> torch.Tensor:
+    """L2-normalised utterance embeddings [N, E] float32, in data order; batches sorted by length."""
+    was_training = model.training
+    model.eval()
+    device = data.features.device
+    order = torch.argsort(data.lengths, stable=True)
+    out = torch.empty(len(data), data.embed_dim, device=device)
+    for s in range(0, len(data), batch_size):
+        idx = order[s:s + batch_size]
+        feats, lengths = data.batch(idx, max_frames)
+        with autocast(device):
+            emb = model(feats, lengths)
+        out[idx] = torch.nn.functional.normalize(emb.float(), dim=-1)
+    model.train(was_training)
+    return out
+
+
+def dev_metrics(model, data: SplitData, keywords: tuple | None, batch_size: int, max_frames: int) -> dict:
+    """The validation figures logged during training: audio<->image R@1/5/10 and keyword mAP."""
+    audio = embed_audio(model, data, batch_size, max_frames)
+    image_ids = [data.image_ids[i] for i in data.image_index.tolist()]
+    out = {}
+    r = six_way_retrieval(audio, image_ids, data.caption_ids, data.images, data.image_ids,
+                          data.texts, data.caption_ids, image_ids)
+    for pair in ("audio_to_image", "image_to_audio"):
+        for k in ("R@1", "R@5", "R@10"):
+            out[f"{pair}_{k}"] = r[pair][k]
+    if keywords is not None:
+        words, emb, _ = keywords
+        out["keyword_mAP"] = keyword_spotting(audio, emb, data.transcripts, words)["mAP"]
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# The evaluate command
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    cache: Path
+    checkpoint: Path
+    split: str = "test"
+    json: Path | None = None
+    html: Path | None = None
+    save_embeddings: Path | None = None
+    keywords: Path | None = None      # a subset of the cached keywords, one per line
+    prompt: str | None = None         # must be the template the cache's keyword prompts were embedded with
+    device: str = "cpu"
+    batch_size: int = 256
+    chunk: int = 1024
+
+    def __post_init__(self):
+        if self.split not in ("train", "dev", "test"):
+            raise ValueError(f"--split {self.split!r}: use train, dev or test")
+
+
+def _split_texts(cache: Path, split: str, device) -> tuple[list[str], list[str], torch.Tensor]:
+    """Every written caption of the split with an embedding: (caption ids, their image ids, [T, E])."""
+    captions = {}
+    for r in read_records(cache):
+        if r["split"] == split:
+            captions.setdefault(r["caption_id"], r["image_id"])
+    reader = StoreReader(cache / TEXTS)
+    ids = [c for c in captions if c in reader]
+    array, _, _ = reader.load_all(ids)
+    reader.close()
+    return ids, [captions[c] for c in ids], torch.from_numpy(array.astype(np.float32)).to(device)
+
+
+def evaluate(cfg: EvalConfig) -> tuple[dict, dict]:
+    """(results in the JSON shape of the README, the arrays behind them, chance levels)."""
+    from trainer.checkpoint import load_encoder
+    device = torch.device(cfg.device)
+    model, state = load_encoder(cfg.checkpoint, device)
+    _check_same_cache(cfg.cache, state, cfg.checkpoint)
+    data = load_split(cfg.cache, cfg.split, device)
+    if len(data) == 0:
+        raise ValueError(f"{cfg.cache}: no usable utterances in the {cfg.split} split")
+    audio = embed_audio(model, data, cfg.batch_size, model.cfg.max_frames)
+    text_ids, text_image_ids, text = _split_texts(cfg.cache, cfg.split, device)
+    words, keyword_emb = _keywords(cfg, device)
+    audio_image_ids = [data.image_ids[i] for i in data.image_index.tolist()]
+
+    retrieval = six_way_retrieval(audio, audio_image_ids, data.caption_ids, data.images, data.image_ids,
+                                  text, text_ids, text_image_ids, chunk=cfg.chunk, device=device)
+    kws = keyword_spotting(audio, keyword_emb, data.transcripts, words, device=device)
+    relevance = keyword_relevance(data.transcripts, words)
+    chance = chance_levels(len(data), len(data.image_ids), len(text_ids), relevance)
+    results = {
+        "split": cfg.split,
+        "counts": {"audio": len(data), "images": len(data.image_ids), "texts": len(text_ids),
+                   "keywords": len(words)},
+        "retrieval": {pair: {k: r[k] for k in ("R@1", "R@5", "R@10", "median_rank", "mean_rank")}
+                      for pair, r in retrieval.items()},
+        "keyword_spotting": {k: kws[k] for k in ("mAP", "micro_AP", "P@10", "P@N", "EER")}
+        | {"per_keyword": kws["per_keyword"]},
+    }
+    arrays = {"audio": audio.cpu().numpy(), "audio_ids": np.array(data.utt_ids),
+              "audio_image_ids": np.array(audio_image_ids), "audio_text": np.array(data.transcripts),
+              "image": data.images.cpu().numpy(), "image_ids": np.array(data.image_ids),
+              "text": text.cpu().numpy(), "text_ids": np.array(text_ids),
+              "text_image_ids": np.array(text_image_ids), "keyword": keyword_emb.cpu().numpy(),
+              "keywords": np.array(words)}
+    if cfg.json:
+        atomic_write_json(cfg.json, _json_safe(results))
+    if cfg.save_embeddings:
+        np.savez(cfg.save_embeddings, **arrays)
+    return results, arrays, chance
+
+
+def chance_levels(n_audio: int, n_images: int, n_texts: int, relevance: np.ndarray) -> dict:
+    """R@10 of a random ranking for each pair (with the split's captions per image), and keyword mAP's chance."""
+    per_image = n_audio / max(n_images, 1)
+    return {"audio_to_image": chance_recall(n_images, 1, 10),
+            "audio_to_text": chance_recall(n_texts, 1, 10),
+            "image_to_audio": chance_recall(n_audio, round(per_image), 10),
+            "image_to_text": chance_recall(n_texts, round(n_texts / max(n_images, 1)), 10),
+            "text_to_audio": chance_recall(n_audio, 1, 10),
+            "text_to_image": chance_recall(n_images, 1, 10),
+            "keyword_mAP": keyword_chance(relevance[:, relevance.any(0)])}
+
+
+def _keywords(cfg: EvalConfig, device) -> tuple[list[str], torch.Tensor]:
+    words, emb, attrs = load_keywords(cfg.cache, device)
+    if cfg.prompt is not None and attrs.get("prompt") not in (None, cfg.prompt):
+        raise ValueError(f"{cfg.cache}/keywords: the prompts were embedded with {attrs.get('prompt')!r}, not "
+                         f"{cfg.prompt!r}; run `clipspeech embed-images --prompt {cfg.prompt!r}` on this cache")
+    if cfg.keywords is None:
+        return words, emb
+    wanted = [w.strip().lower() for w in Path(cfg.keywords).read_text(encoding="utf-8").splitlines()
+              if w.strip() and not w.startswith("#")]
+    missing = [w for w in wanted if w not in words]
+    if missing:
+        raise ValueError(f"{cfg.keywords}: keywords not embedded in {cfg.cache}: {', '.join(missing[:10])}; run "
+                         f"`clipspeech embed-images --keywords {cfg.keywords}` on this cache first")
+    rows = [words.index(w) for w in wanted]
+    return wanted, emb[rows]
+
+
+def _check_same_cache(cache: Path, state: dict, checkpoint: Path) -> None:
+    """A checkpoint is only meaningful against the features and the CLIP teacher it was trained with."""
+    manifest = read_manifest(cache)
+    trained = state.get("cache", {})
+    for section in ("features", "clip"):
+        now = manifest.get("audio", {}).get("features") if section == "features" else manifest.get("clip")
+        if trained.get(section) is not None and now is not None and trained[section] != now:
+            diff = sorted(k for k in set(now) | set(trained[section]) if now.get(k) != trained[section].get(k))
+            raise ValueError(f"{checkpoint} was trained on a cache with other {section} settings than {cache} "
+                             f"(differing: {', '.join(diff)}); evaluate it on a cache made the same way")
+
+
+def _json_safe(x):
+    if isinstance(x, dict):
+        return {k: _json_safe(v) for k, v in x.items()}
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
+
+
+def format_table(results: dict, chance: dict | None = None) -> str:
+    """The seed note's table: rows = the six pairs, columns R@1 R@5 R@10, chance R@10 beside them."""
+    chance = chance or {}
+    lines = [f"{results['split']} split: {results['counts']['audio']} utterances, {results['counts']['images']} "
+             f"images, {results['counts']['texts']} captions, {results['counts']['keywords']} keywords",
+             f"{'':16}{'R@1':>7}{'R@5':>7}{'R@10':>7}{'chance R@10':>13}"]
+    for pair, label in PAIRS:
+        r = results["retrieval"][pair]
+        lines.append(f"{label:16}{r['R@1']:7.1f}{r['R@5']:7.1f}{r['R@10']:7.1f}{chance.get(pair, float('nan')):13.1f}")
+    k = results["keyword_spotting"]
+    lines.append(f"keyword spotting: mAP {k['mAP']:.1f} (chance {chance.get('keyword_mAP', float('nan')):.1f}), "
+                 f"micro AP {k['micro_AP']:.1f}, P@10 {k['P@10']:.1f}, P@N {k['P@N']:.1f}, EER {k['EER']:.1f}")
+    return "\n".join(lines)
+
+
+def write_html(cfg: EvalConfig, results: dict, arrays: dict) -> Path:
+    """The HTML report, with the corpus files the cache records and the curves of the checkpoint's run."""
+    from trainer.report import write_report
+    records = read_records(cfg.cache)
+    audio_paths = {r["utt_id"]: r["audio_path"] for r in records}
+    image_paths = {r["image_id"]: r["image_path"] for r in records}
+    return write_report(cfg.html, results, arrays, audio_paths, image_paths, run_dir=Path(cfg.checkpoint).parent)

@@ -1,0 +1,50 @@
+"""The training curves as a PNG: loss (and temperature) against step, and the dev metrics against step."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def read_log(path: str | Path) -> list[dict]:
+    path = Path(path)
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_curves(log: str | Path, png: str | Path) -> Path | None:
+    """Writes `png` from RUN_DIR/metrics.jsonl; None when the log is empty."""
+    records = read_log(log)
+    if not records:
+        return None
+    import matplotlib
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    train = [r for r in records if "loss" in r]
+    dev_keys = sorted({k for r in records for k in r if k.startswith("dev/")})
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    ax = axes[0]
+    ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title("training loss")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper right")
+    ax = axes[1]
+    for key in dev_keys:
+        points = [(r["step"], r[key]) for r in records if key in r]
+        ax.plot(*zip(*points), marker="o", label=key[len("dev/"):])
+    ax.set_xlabel("step")
+    ax.set_ylabel("percent")
+    ax.set_title("dev metrics" if dev_keys else "no dev metrics logged")
+    ax.grid(alpha=0.3)
+    if dev_keys:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    png = Path(png)
+    tmp = png.with_name(f".{png.stem}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(png)
+    return png
