@@ -88,11 +88,13 @@ def info(data: Path) -> None:
               help="Exit non-zero if more utterances than this fail (they are listed in CACHE/failures.jsonl).")
 @click.option("--device", default="cpu", show_default=True,
               help="cpu: features in the workers; cuda: workers decode, features computed on the GPU in batches.")
-@click.option("--index-only", is_flag=True, help="Only build the index over parts that other jobs wrote.")
+@click.option("--index-only", is_flag=True,
+              help="Only build the index (and speaker statistics) over the parts the --shard jobs wrote; pass the "
+                   "same options as those jobs. Exits non-zero, naming the missing parts, if some are not written.")
 def extract_audio(data, cache, recipe, recipe_options, fmt, workers, shard, part_size, max_failures, device,
                   index_only):
     """Decode every utterance once and store its features in CACHE/audio."""
-    from pipeline.extract import ExtractConfig, TooManyFailures, default_workers, extract_audio
+    from pipeline.extract import ExtractConfig, TooManyFailures, WorkerDied, default_workers, extract_audio
     options = []
     for item in recipe_options:
         if "=" not in item:
@@ -105,7 +107,7 @@ def extract_audio(data, cache, recipe, recipe_options, fmt, workers, shard, part
         batch_device=None if device == "cpu" else device, index_only=index_only))
     try:
         summary = _run(extract_audio, cfg)
-    except TooManyFailures as e:
+    except (TooManyFailures, WorkerDied) as e:
         click.echo(str(e), err=True)
         sys.exit(1)
     click.echo("\n".join(summary.lines()))
@@ -199,7 +201,14 @@ def _flag(name: str, help: str):
 @_flag("spec-augment", "SpecAugment masks during training [on].")
 @_flag("bucket", "Length-bucketed batches [on].")
 @_flag("one-caption-per-image", "Never two captions of one image in a batch [on].")
-@_flag("compile", "torch.compile the encoder (dynamic shapes) [off].")
+@_flag("compile", "torch.compile the encoder, one static graph per 128-frame length bucket [off].")
+@click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=None, help="Transformer dropout [0.1].")
+@click.option("--data-mode", type=click.Choice(["memory", "stream"]), default=None,
+              help="memory: all features in one tensor on the device (default); stream: read WebDataset shards "
+                   "(--format wds caches) with reader processes, for caches larger than memory.")
+@click.option("--workers", type=click.IntRange(min=0), default=None, help="Reader processes in stream mode [2].")
+@click.option("--stream-buffer", type=click.IntRange(min=1), default=None,
+              help="Utterances buffered for length bucketing in stream mode [4096].")
 @click.option("--threads", type=click.IntRange(min=0), default=None, help="CPU threads for torch (0 = default).")
 def train(toml, preset, **options):
     """Train the audio encoder on CACHE's train split, validating on its dev split.
@@ -244,6 +253,89 @@ def evaluate(cache, checkpoint, split, json_out, html, save_embeddings, keywords
     if html:
         from trainer.evaluate import write_html
         click.echo(f"report: {_run(write_html, cfg, results, arrays)}")
+
+
+@main.command("make-demo", context_settings=CONTEXT)
+@click.option("--out", required=True, type=click.Path(path_type=Path, file_okay=False),
+              help="Folder for the corpus (Flickr8k layout), keywords.txt and teacher/.")
+@click.option("--images", type=click.IntRange(min=12), default=600, show_default=True,
+              help="Drawn scenes, 5 spoken captions each, split 2/3 train, 1/6 dev, 1/6 test.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+              help="The same seed gives byte-identical files.")
+@click.option("--workers", type=click.IntRange(min=1), default=None, help="Processes [default: all cores].")
+@click.option("--teacher-steps", type=click.IntRange(min=1), default=None,
+              help="Training steps of the demo's CLIP teacher [150].")
+@click.option("--overwrite", is_flag=True, help="Replace a demo corpus made with other settings.")
+def make_demo(out, images, seed, workers, teacher_steps, overwrite):
+    """Write the synthetic demo corpus and fit its own small CLIP teacher (no network needed).
+
+    Drawn scenes with five true captions each, spoken by espeak-ng voices, in the Flickr8k layout; the teacher
+    is saved as an open_clip model folder: use it as --model local-dir:OUT/teacher.
+    """
+    summary = _make_demo(out, images, seed, workers, teacher_steps, overwrite)
+    click.echo(f"demo corpus: {summary['corpus']}\nteacher: {summary['teacher']} "
+               f"(use --model local-dir:{summary['teacher']})")
+
+
+def _make_demo(out, images, seed, workers, teacher_steps, overwrite) -> dict:
+    from pipeline.demo.build import MakeDemoConfig, make_demo
+    from pipeline.demo.make_demo import DemoConfig
+    from pipeline.demo.teacher import TeacherConfig
+    from pipeline.extract import default_workers
+    teacher = TeacherConfig(seed=seed) if teacher_steps is None else \
+        TeacherConfig(seed=seed, steps=teacher_steps, warmup=min(10, teacher_steps))
+    cfg = _run(lambda: MakeDemoConfig(DemoConfig(out=out, images=images, seed=seed, overwrite=overwrite,
+                                                 workers=workers or default_workers()), teacher))
+    summary = _run(make_demo, cfg)
+    m = summary["teacher_metrics"]
+    i2t, t2i = m["image_to_text"], m["text_to_image"]
+    click.echo(f"teacher on the test split: image->text R@1/5/10 {i2t['R@1']:.0f}/{i2t['R@5']:.0f}/{i2t['R@10']:.0f}, "
+               f"text->image {t2i['R@1']:.0f}/{t2i['R@5']:.0f}/{t2i['R@10']:.0f}")
+    return summary
+
+
+@main.command(context_settings=CONTEXT)
+@click.option("--out", default=Path("demo"), show_default=True, type=click.Path(path_type=Path, file_okay=False),
+              help="Holds corpus/, cache/, run/, eval.json and report.html; a rerun reuses what is done.")
+@click.option("--images", type=click.IntRange(min=12), default=600, show_default=True, help="Demo corpus size.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--workers", type=click.IntRange(min=1), default=None, help="Processes [default: all cores].")
+@click.option("--steps", type=click.IntRange(min=1), default=None, help="Student training steps [demo preset].")
+@click.option("--teacher-steps", type=click.IntRange(min=1), default=None, help="Teacher training steps [150].")
+def demo(out, images, seed, workers, steps, teacher_steps):
+    """The whole chain on the built-in demo corpus: make-demo -> extract-audio -> embed-images -> train -> evaluate."""
+    import time
+    from pipeline.embed import EmbedConfig, embed_images
+    from pipeline.extract import ExtractConfig, default_workers, extract_audio
+    from trainer.config import resolve_config
+    from trainer.evaluate import EvalConfig, evaluate as run_evaluate, format_table, write_html
+    from trainer.train import train as run_train
+    workers = workers or default_workers()
+    corpus, cache, run = out / "corpus", out / "cache", out / "run"
+    started = time.perf_counter()
+    timings = {}
+
+    def stage(name, fn, *args):
+        click.echo(f"== {name}", err=True)
+        t = time.perf_counter()
+        result = _run(fn, *args)
+        timings[name] = time.perf_counter() - t
+        if hasattr(result, "lines"):
+            click.echo("\n".join(result.lines()), err=True)
+        return result
+
+    summary = stage("make-demo", _make_demo, corpus, images, seed, workers, teacher_steps, False)
+    stage("extract-audio", extract_audio, ExtractConfig(data=corpus, cache=cache, workers=workers))
+    stage("embed-images", embed_images, EmbedConfig(data=corpus, cache=cache, model=f"local-dir:{summary['teacher']}",
+                                                    workers=min(workers, 2), batch_size=100))
+    stage("train", run_train, resolve_config("demo", cache=str(cache), out=str(run), resume=True, steps=steps))
+    ecfg = EvalConfig(cache=cache, checkpoint=run / "best.pt", json=out / "eval.json", html=out / "report.html")
+    results, arrays, chance = stage("evaluate", run_evaluate, ecfg)
+    report = write_html(ecfg, results, arrays)
+    click.echo(format_table(results, chance))
+    click.echo("stages: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items())
+               + f"; total {time.perf_counter() - started:.0f} s")
+    click.echo(f"figures: {ecfg.json}\nreport: {report}")
 
 
 if __name__ == "__main__":

@@ -1,50 +1,58 @@
 """The embed-images stage: a frozen open_clip teacher over every image, caption and keyword prompt, once.
 
-Images are embedded once each however many captions they have; captions by caption id; keyword prompts
-by keyword. Embeddings are L2-normalised and written to CACHE/images, CACHE/texts and CACHE/keywords in
-the cache's format, with the model's identity in cache.json so later stages never mix two teachers.
+Embeddings are L2-normalised and written to CACHE/images, texts and keywords with the teacher's identity in
+cache.json, so that no later stage mixes two teachers. Resumable and shardable like extract-audio.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
+import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
-from cache.manifest import atomic_write_json, claim_section, read_manifest, record_stage_failures
-from cache.store import FORMATS, PartWriter, build_index, completed_parts, part_path
+from cache.manifest import (CacheMismatchError, atomic_write_json, claim_section, read_manifest,
+                            record_stage_failures, settings_diff)
+from cache.store import (FORMATS, INDEX_FILE, STORE_JSON, STORE_VERSION, PartWriter, build_index,
+                         completed_parts, read_store_json)
 from pipeline.corpus import read_corpus
 from pipeline.extract import default_workers
-from pipeline.images import ImageFiles, decode_on_device
+from pipeline.images import autocast, embed_image_files
 from pipeline.keywords import DEFAULT_PROMPT, load_keywords
 from pipeline.versions import versions
 
 log = logging.getLogger(__name__)
 IMAGE_STORE, TEXT_STORE, KEYWORD_STORE = "images", "texts", "keywords"
+FAILURES_DIR = "failures"          # STORE/failures/part-k.json: part k's failures, written before its rename
+SCHEMAS = ("local-dir:", "hf-hub:")
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")   # tags may hold dots, paths these
+RANDOM_INIT_SEED = 0               # random weights are seeded: all shards of a cache get the same model
 
 
 @dataclass(frozen=True)
 class EmbedConfig:
     data: Path
     cache: Path
-    model: str
+    model: str                               # open_clip name, local-dir:PATH or hf-hub:ORG/REPO
     pretrained: str | None = None            # open_clip tag, checkpoint path, or None for random weights
     device: str = "cpu"
     batch_size: int = 256
-    workers: int = field(default_factory=default_workers)
+    workers: int = field(default_factory=default_workers)   # DataLoader processes decoding images; 0 = inline
     keywords: Path | None = None             # None: the corpus' keywords.txt, else the 67 Flickr8k keywords
     prompt: str = DEFAULT_PROMPT
     shard: tuple[int, int] = (0, 1)
     fmt: str | None = None                   # None: the format of the cache's audio store, else hdf5
-    dtype: str = "float16"
-    part_size: int = 2048                    # images (or captions) per part
+    dtype: str = "float16"                   # storage precision
+    part_size: int = 2048                    # images (or captions) per part: the unit of resume and sharding
     draft: bool = True                       # decode JPEGs at reduced size when the target is small
-    gpu_decode: bool = False                 # decode JPEGs with nvjpeg on `device` (torchvision.io)
+    gpu_decode: bool = False                 # decode JPEGs in batches on `device` (nvjpeg on cuda)
     progress: bool = True
 
     def __post_init__(self):
@@ -52,31 +60,42 @@ class EmbedConfig:
             raise ValueError(f"--format {self.fmt!r}: use one of {', '.join(FORMATS)}")
         if self.dtype not in ("float16", "float32"):
             raise ValueError(f"--dtype {self.dtype!r}: use float16 or float32")
-        if "{}" not in self.prompt:
-            raise ValueError(f"--prompt {self.prompt!r} has no '{{}}' where the keyword goes, "
-                             "e.g. 'this is a photo of a {}'")
+        try:
+            filled = self.prompt.format("KEYWORD")
+        except (IndexError, KeyError, ValueError):
+            filled = ""
+        if "{}" not in self.prompt or "KEYWORD" not in filled:
+            raise ValueError(f"--prompt {self.prompt!r}: give one '{{}}' where the keyword goes (and '{{{{' "
+                             "for a literal brace), e.g. 'this is a photo of a {}'")
         i, n = self.shard
         if not (n >= 1 and 0 <= i < n):
-            raise ValueError(f"--shard {i}/{n}: expected I/N with 0 <= I < N")
+            raise ValueError(f"--shard {i}/{n}: expected I/N with 0 <= I < N, e.g. 0/4")
         if self.batch_size < 1 or self.part_size < 1 or self.workers < 0:
-            raise ValueError("--batch-size and --part-size must be positive, --workers 0 or more")
+            raise ValueError(f"--batch-size {self.batch_size} and --part-size {self.part_size} must be "
+                             f"positive, --workers {self.workers} 0 or more")
+        try:
+            torch.device(self.device)
+        except RuntimeError:
+            raise ValueError(f"--device {self.device!r}: use cpu, cuda or cuda:N") from None
 
 
 @dataclass
 class EmbedSummary:
-    images: int = 0
-    captions: int = 0
-    keywords: int = 0
-    images_done: int = 0
-    images_failed: int = 0
+    images: int = 0                  # distinct images in the corpus
+    captions: int = 0                # distinct written captions
+    keywords: int = 0                # keyword prompts embedded by this run (shard 0 only)
+    images_embedded: int = 0         # by this run
+    images_failed: int = 0           # by this run
+    parts_skipped: int = 0           # image and caption parts of this shard found complete
     seconds_images: float = 0.0
-    indexed: dict = field(default_factory=dict)
+    indexed: dict = field(default_factory=dict)   # store name -> whether its index covers every part
 
     def lines(self) -> list[str]:
-        rate = self.images_done / self.seconds_images if self.seconds_images else 0.0
-        stores = ", ".join(f"{k} {'indexed' if v else 'waiting for other shards'}" for k, v in self.indexed.items())
-        return [f"images: {self.images_done} embedded now ({rate:.0f} img/s), {self.images_failed} failed, "
-                f"{self.images} in the corpus",
+        rate = self.images_embedded / self.seconds_images if self.seconds_images else 0.0
+        stores = ", ".join(f"{k} {'indexed' if v else 'waiting for other shards'}"
+                           for k, v in self.indexed.items())
+        return [f"images: {self.images_embedded} embedded now ({rate:.0f} img/s), {self.images_failed} "
+                f"failed, {self.images} in the corpus; {self.parts_skipped} parts already complete",
                 f"captions: {self.captions}, keywords: {self.keywords}; {stores}"]
 
 
@@ -84,62 +103,105 @@ class EmbedSummary:
 # The teacher and its identity
 
 
-def load_teacher(model: str, pretrained: str | None, device: str):
-    """(model, preprocess, tokenizer, identity) through open_clip; nothing is downloaded if it is not cached."""
+class Teacher(NamedTuple):
+    model: torch.nn.Module           # open_clip model in eval mode, on the device
+    preprocess: object               # open_clip's eval transform: PIL image -> float [3, S, S]
+    tokenizer: object                # list[str] -> int64 [n, context_length]
+    identity: dict                   # model, weights, open_clip version, preprocessing (cache.json)
+
+
+def load_teacher(model: str, pretrained: str | None, device: str = "cpu") -> Teacher:
+    """The open_clip model, its preprocessing, tokenizer and identity. A tag is fetched by open_clip (from its
+    cache, else the network); a checkpoint path or local-dir: folder is hashed (sha256) for the identity."""
     import open_clip
-    if pretrained is None and not model.startswith(("local-dir:", "hf-hub:")):
-        log.warning("WARNING: --pretrained none: %s has RANDOM weights; its embeddings mean nothing "
-                    "beyond testing the pipeline", model)
-    if pretrained and Path(pretrained).expanduser().is_file():
-        pretrained = str(Path(pretrained).expanduser().resolve())
+    if model.startswith(SCHEMAS) and pretrained is not None:
+        log.warning("--pretrained %s is ignored: %s brings its own weights", pretrained, model)
+        pretrained = None
+    if model.startswith("local-dir:"):
+        folder = Path(model[len("local-dir:"):]).expanduser().resolve()
+        if not (folder / "open_clip_config.json").is_file():
+            raise FileNotFoundError(f"{folder / 'open_clip_config.json'} not found: --model local-dir:PATH "
+                                    "takes a folder with open_clip_config.json and its weights (the demo's "
+                                    "is DEMO/teacher)")
+        model = f"local-dir:{folder}"
+    checkpoint = _checkpoint_file(model, pretrained)
+    random_weights = checkpoint is None and pretrained is None and not model.startswith("hf-hub:")
+    if random_weights:
+        log.warning("WARNING: %s has RANDOM weights (--pretrained none, or no weights in its folder): its "
+                    "embeddings mean nothing beyond testing the pipeline", model)
+    if pretrained is not None and checkpoint is None and ("/" in pretrained or pretrained.startswith("~")
+                                                          or Path(pretrained).suffix in CHECKPOINT_SUFFIXES):
+        raise FileNotFoundError(f"--pretrained {pretrained}: no such checkpoint file; pass an existing path "
+                                f"or an open_clip tag (open_clip.list_pretrained_tags_by_model({model!r}))")
     try:
-        clip, _, preprocess = open_clip.create_model_and_transforms(model, pretrained=pretrained, device=device)
+        with torch.random.fork_rng(devices=[]):   # open_clip initialises on the CPU, then moves to `device`
+            torch.manual_seed(RANDOM_INIT_SEED)
+            clip, _, preprocess = open_clip.create_model_and_transforms(
+                model, pretrained=str(checkpoint) if checkpoint and pretrained else pretrained, device=device)
     except RuntimeError as e:
         raise ValueError(f"cannot load open_clip model {model!r} with pretrained={pretrained!r}: {e}. "
                          "Without network, pass a local checkpoint path to --pretrained, or a model folder "
                          "as --model local-dir:PATH") from None
     clip.eval()
     tokenizer = open_clip.get_tokenizer(model)
-    return clip, preprocess, tokenizer, _identity(open_clip, clip, model, pretrained)
+    pp = open_clip.get_model_preprocess_cfg(clip)
+    identity = {
+        "model": model if not model.startswith("local-dir:") else "local-dir",
+        "pretrained": pretrained if checkpoint is None else None,
+        "weights_sha256": _sha256(checkpoint) if checkpoint else None,
+        "random_init_seed": RANDOM_INIT_SEED if random_weights else None,
+        "open_clip": open_clip.__version__,
+        "embed_dim": _embed_dim(clip, tokenizer, device),
+        "preprocess": {k: (list(v) if isinstance(v, tuple) else v) for k, v in pp.items()},
+    }
+    return Teacher(clip, preprocess, tokenizer, identity)
+
+
+def _checkpoint_file(model: str, pretrained: str | None) -> Path | None:
+    """The weights file the model is loaded from, where it is a local file (None for tags, hf-hub, random)."""
+    if model.startswith("local-dir:"):
+        import open_clip
+        # open_clip's own choice among the folder's files, so the hash is of what it loads
+        found = open_clip.factory._find_checkpoint_in_dir(Path(model[len("local-dir:"):]))
+        return Path(found) if found else None
+    if pretrained is not None and Path(pretrained).expanduser().is_file():
+        return Path(pretrained).expanduser().resolve()
+    return None
 
 
 def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
+    digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+            digest.update(block)
+    return digest.hexdigest()
 
 
-def _identity(open_clip, clip, model: str, pretrained: str | None) -> dict:
-    weights = None
-    if model.startswith("local-dir:"):
-        folder = Path(model[len("local-dir:"):])
-        files = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin")) + sorted(folder.glob("*.pt"))
-        weights = _sha256(files[0]) if files else None
-    elif pretrained and Path(pretrained).is_file():
-        weights = _sha256(Path(pretrained))
-    pp = open_clip.get_model_preprocess_cfg(clip)
-    return {"model": model, "pretrained": pretrained if weights is None else None, "weights_sha256": weights,
-            "open_clip": open_clip.__version__, "embed_dim": int(_embed_dim(clip)),
-            "preprocess": {k: (list(v) if isinstance(v, tuple) else v) for k, v in pp.items()}}
+def _embed_dim(clip, tokenizer, device: str) -> int:
+    with torch.inference_mode():
+        return int(clip.encode_text(tokenizer([""]).to(device)).shape[-1])
 
 
-def _embed_dim(clip) -> int:
-    with torch.no_grad():
-        return clip.encode_text(torch.zeros(1, clip.context_length, dtype=torch.long,
-                                            device=next(clip.parameters()).device)).shape[-1]
+def _run_settings(cfg: EmbedConfig, fmt: str) -> dict:
+    """How the embeddings were computed and stored, beyond the teacher: recorded next to its identity."""
+    return {"precision": "bf16-autocast" if cfg.device.startswith("cuda") else "fp32",
+            "image_decode": "torchvision" if cfg.gpu_decode else ("pil-draft" if cfg.draft else "pil"),
+            "dtype": cfg.dtype, "format": fmt, "part_size": cfg.part_size}
 
 
-def _autocast(device: str):
-    if device.startswith("cuda"):
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return torch.autocast("cpu", enabled=False)
-
-
-def _normalise(x: torch.Tensor) -> np.ndarray:
-    x = x.float()
-    return (x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)).cpu().numpy()
+def _claim_clip(cfg: EmbedConfig, identity: dict, settings: dict) -> None:
+    """Records the teacher in cache.json or checks it is the one there, with a message saying what differs."""
+    cached = read_manifest(cfg.cache).get("clip")
+    other_teacher = cached is not None and settings_diff({k: cached.get(k) for k in identity}, identity)
+    if other_teacher:
+        fix = (f"{cfg.cache} holds embeddings of another CLIP teacher, and the trainer must not mix two "
+               "teachers' embeddings: use another --cache directory for this one, or delete "
+               f"{cfg.cache}/images, texts and keywords and the 'clip' section of cache.json to re-embed")
+    else:
+        fix = ("same teacher, other settings: rerun with the cache's settings (--dtype, --device, "
+               f"--gpu-decode, --no-draft) so that all parts match, or delete {cfg.cache}/images, texts and "
+               "keywords and the 'clip' section of cache.json to re-embed")
+    claim_section(cfg.cache, "clip", {**identity, **settings}, fix=fix)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -147,149 +209,199 @@ def _normalise(x: torch.Tensor) -> np.ndarray:
 
 
 def embed_images(cfg: EmbedConfig) -> EmbedSummary:
+    """Runs the stage for this shard; builds the indexes (and records image failures) once all parts exist."""
     corpus = read_corpus(cfg.data)
     fmt = cfg.fmt or read_manifest(cfg.cache).get("audio", {}).get("format", "hdf5")
-    clip, preprocess, tokenizer, identity = load_teacher(cfg.model, cfg.pretrained, cfg.device)
+    teacher = load_teacher(cfg.model, cfg.pretrained, cfg.device)
+    settings = _run_settings(cfg, fmt)
     cfg.cache.mkdir(parents=True, exist_ok=True)
-    claim_section(cfg.cache, "clip", {**identity, "dtype": cfg.dtype, "format": fmt, "part_size": cfg.part_size},
-                  fix="embeddings of another model go in another --cache directory (the trainer must not mix "
-                      f"teachers); or delete {cfg.cache}/images, texts, keywords and the 'clip' section")
-    attrs = {"stage": "embed-images", "clip": identity, "versions": versions("open_clip_torch")}
+    _claim_clip(cfg, teacher.identity, settings)
+    attrs = {"stage": "embed-images", "clip": {**teacher.identity, **settings},
+             "versions": versions("open_clip_torch", "torchvision", "Pillow")}
 
     images: dict[str, str] = {}
     captions: dict[str, str] = {}
-    for u in corpus.utterances:
+    for u in corpus.utterances:       # each image once, however many captions it has
         images.setdefault(u.image_id, u.image_path)
         captions.setdefault(u.caption_id, u.caption)
     summary = EmbedSummary(images=len(images), captions=len(captions))
 
     started = time.perf_counter()
-    failures = _embed_image_store(cfg, fmt, clip, preprocess, list(images.items()), attrs, summary)
+    image_failures = _embed_image_store(cfg, fmt, teacher, list(images.items()), attrs, summary)
     summary.seconds_images = time.perf_counter() - started
-    _embed_text_store(cfg, fmt, clip, tokenizer, TEXT_STORE, list(captions.items()), attrs, summary)
-
+    _embed_text_store(cfg, fmt, teacher, list(captions.items()), attrs, summary)
     if cfg.shard[0] == 0:
         words = load_keywords(cfg.keywords, corpus.root)
-        prompts = [(w, cfg.prompt.format(w)) for w in words]
-        _rewrite_keywords(cfg, fmt, clip, tokenizer, prompts, attrs)
+        _write_keyword_store(cfg, fmt, teacher, words, attrs)
         summary.keywords = len(words)
+    if image_failures is not None:
+        record_stage_failures(cfg.cache, "images", image_failures)
     for name in (IMAGE_STORE, TEXT_STORE, KEYWORD_STORE):
-        summary.indexed[name] = (cfg.cache / name / "index.json").is_file() or \
-            (cfg.cache / name / "index.h5").is_file()
-    if failures is not None:
-        record_stage_failures(cfg.cache, "images", failures)
+        summary.indexed[name] = (cfg.cache / name / INDEX_FILE[fmt]).is_file()
     return summary
 
 
-def _my_parts(cfg: EmbedConfig, n_items: int, store: Path) -> tuple[list[range], list[int]]:
-    parts = [range(s, min(s + cfg.part_size, n_items)) for s in range(0, n_items, cfg.part_size)]
+def _plan(cfg: EmbedConfig, fmt: str, store: Path, keys: list[str], attrs: dict,
+          dims: int) -> tuple[list[range], list[int], dict]:
+    """Parts of cfg.part_size items in corpus order, this shard's missing ones and the store's attrs.
+
+    The attrs name the planned keys (sha1), so a rerun on a changed corpus is refused instead of resuming
+    parts planned for another list; leftovers of killed writers of the missing parts are removed.
+    """
+    parts = [range(s, min(s + cfg.part_size, len(keys))) for s in range(0, len(keys), cfg.part_size)]
+    attrs = {**attrs, "plan": {"part_size": cfg.part_size,
+                               "keys_sha1": hashlib.sha1("\n".join(keys).encode("utf-8")).hexdigest()}}
+    if (store / STORE_JSON).is_file():
+        wanted = {"version": STORE_VERSION, "format": fmt, "dims": dims, "dtype": cfg.dtype, "attrs": attrs}
+        diffs = settings_diff(read_store_json(store), wanted)
+        if diffs:
+            raise CacheMismatchError(f"store {store} was written with other settings (another corpus or "
+                                     "software version?):\n  " + "\n  ".join(diffs) +
+                                     f"\nFix: delete {store} to embed again, or use another --cache")
     done = completed_parts(store)
     i, n = cfg.shard
     todo = [k for k in range(len(parts)) if k % n == i and k not in done]
-    for k in todo:
-        for tmp in store.glob(part_path(store, k, "hdf5").name + ".tmp*"):
-            tmp.unlink()
-        for tmp in store.glob(part_path(store, k, "wds").name + ".tmp*"):
-            tmp.unlink()
-    return parts, todo
+    for k in todo:   # only this shard's own leftovers: other shards may be writing theirs right now
+        for tmp in store.glob(f"part-{k:05d}.*.tmp-*"):
+            tmp.unlink(missing_ok=True)
+    return parts, todo, attrs
 
 
 def _finish_store(store: Path, n_parts: int) -> bool:
-    if all(k in completed_parts(store) for k in range(n_parts)):
-        build_index(store)
-        return True
-    return False
+    """Indexes the store when every part exists (whichever shard finishes last does it)."""
+    done = completed_parts(store)
+    if any(k not in done for k in range(n_parts)):
+        return False
+    build_index(store)
+    return True
 
 
-def _embed_image_store(cfg, fmt, clip, preprocess, items, attrs, summary) -> list[dict] | None:
-    """Embeds the images of this shard's missing parts; returns all image failures once every part is done."""
+class _PartStream:
+    """Writes items streaming in part order: part k opens at its first item and is committed at its last,
+    after its failures file; `abort` leaves nothing of an unfinished part behind."""
+
+    def __init__(self, store: Path, fmt: str, parts: list[range], dims: int, dtype: str, attrs: dict):
+        self.store, self.parts = store, parts
+        self.options = {"fmt": fmt, "dims": dims, "dtype": dtype, "attrs": attrs}
+        self.writer: PartWriter | None = None
+        self.failures: list[dict] = []
+        self.written = self.failed = 0
+
+    def add(self, j: int, key: str, row: np.ndarray, meta: dict) -> None:
+        self._open_part(j)
+        self.writer.add(key, row[None], meta=meta)
+        self.written += 1
+        self._commit_if_last(j)
+
+    def fail(self, j: int, failure: dict) -> None:
+        self._open_part(j)
+        self.failures.append(failure)
+        self.failed += 1
+        self._commit_if_last(j)
+
+    def _open_part(self, j: int) -> None:
+        if self.writer is None:
+            k = j // len(self.parts[0])
+            self.writer = PartWriter(self.store, k, **self.options)
+            self.part, self.failures = k, []
+
+    def _commit_if_last(self, j: int) -> None:
+        if j == self.parts[self.part].stop - 1:
+            atomic_write_json(self.store / FAILURES_DIR / f"part-{self.part:05d}.json", self.failures)
+            self.writer.commit()
+            self.writer = None
+
+    def abort(self) -> None:
+        if self.writer is not None:
+            self.writer.abort()
+            self.writer = None
+
+
+def _embed_image_store(cfg, fmt, teacher: Teacher, images: list[tuple[str, str]], attrs: dict,
+                       summary: EmbedSummary) -> list[dict] | None:
+    """Embeds the images of this shard's missing parts; returns every image failure once all parts exist."""
     from tqdm import tqdm
     store = cfg.cache / IMAGE_STORE
-    (store / "failures").mkdir(parents=True, exist_ok=True)
-    parts, todo = _my_parts(cfg, len(items), store)
-    pp = attrs["clip"]["preprocess"]
-    size = pp["size"] if isinstance(pp["size"], int) else min(pp["size"])
-    # one loader over every missing part, in order: its workers fork before any part file is open
-    order = [(k, j) for k in todo for j in parts[k]]
-    files = ImageFiles([items[j][1] for _, j in order], preprocess, size, draft=cfg.draft, raw=cfg.gpu_decode)
-    loader = torch.utils.data.DataLoader(
-        files, batch_size=cfg.batch_size, num_workers=cfg.workers, collate_fn=files.collate,
-        pin_memory=cfg.device.startswith("cuda"), prefetch_factor=4 if cfg.workers else None)
-    bar = tqdm(total=len(order), unit="img", desc="embed images", disable=not cfg.progress or not order)
-    pos, writer, part_failures = 0, None, []
-    with torch.no_grad():
-        for batch, reasons in loader:
-            if cfg.gpu_decode:
-                x = decode_on_device(batch, reasons, size, pp["mean"], pp["std"], cfg.device)
-            else:
-                x = batch.to(cfg.device, non_blocking=True)
-            with _autocast(cfg.device):
-                emb = _normalise(clip.encode_image(x))
-            for row, reason in enumerate(reasons):
-                k, j = order[pos]
-                pos += 1
-                if writer is None:   # part k starts here
-                    writer = PartWriter(store, k, fmt, dims=emb.shape[1], dtype=cfg.dtype, attrs=attrs)
-                    part_failures = []
-                image_id, path = items[j]
+    (store / FAILURES_DIR).mkdir(parents=True, exist_ok=True)
+    dims = teacher.identity["embed_dim"]
+    parts, todo, attrs = _plan(cfg, fmt, store, [key for key, _ in images], attrs, dims)
+    summary.parts_skipped += sum(1 for k in range(len(parts)) if k % cfg.shard[1] == cfg.shard[0]) - len(todo)
+    jobs = [j for k in todo for j in parts[k]]   # item numbers, part after part
+    size = teacher.identity["preprocess"]["size"]
+    draft = (size if isinstance(size, int) else max(size)) if cfg.draft else None
+    stream = _PartStream(store, fmt, parts, dims, cfg.dtype, attrs)
+    bar = tqdm(total=len(jobs), unit="img", desc="embed images", disable=not cfg.progress or not jobs)
+    consumed = 0
+    try:
+        batches = embed_image_files(teacher.model, teacher.preprocess, [images[j][1] for j in jobs],
+                                    device=cfg.device, batch_size=cfg.batch_size, workers=cfg.workers,
+                                    draft_size=draft, gpu_decode=cfg.gpu_decode) if jobs else []
+        for embeddings, reasons in batches:
+            rows = iter(embeddings)   # one per image whose reason is ""
+            for j, reason in zip(jobs[consumed:consumed + len(reasons)], reasons):
+                image_id, path = images[j]
                 if reason:
-                    part_failures.append({"stage": "images", "id": image_id, "path": path, "reason": reason})
-                    summary.images_failed += 1
+                    stream.fail(j, {"stage": "images", "id": image_id, "path": path, "reason": reason})
                 else:
-                    writer.add(image_id, emb[row:row + 1], meta={"path": path})
-                    summary.images_done += 1
-                if j + 1 == parts[k].stop:   # part k is complete: failures first, then the rename
-                    atomic_write_json(store / "failures" / f"part-{k:05d}.json", part_failures)
-                    writer.commit()
-                    writer = None
+                    stream.add(j, image_id, next(rows), meta={"path": path})
+            consumed += len(reasons)
             bar.update(len(reasons))
-    bar.close()
+    finally:
+        stream.abort()   # only an unfinished part is open here: after an error or a KeyboardInterrupt
+        bar.close()
+    summary.images_embedded, summary.images_failed = stream.written, stream.failed
     if not _finish_store(store, len(parts)):
         return None
-    return [f for path in sorted((store / "failures").glob("part-*.json")) for f in json.loads(path.read_text())]
+    return [f for k in range(len(parts))
+            for f in json.loads((store / FAILURES_DIR / f"part-{k:05d}.json").read_text())]
 
 
-def _encode_texts(clip, tokenizer, texts: list[str], cfg: EmbedConfig) -> np.ndarray:
-    out = []
-    with torch.no_grad():
+def _encode_texts(teacher: Teacher, texts: list[str], cfg: EmbedConfig) -> np.ndarray:
+    """Unit-norm text-tower embeddings [n, D] float32 of `texts`, tokenized by the model's own tokenizer."""
+    out = [np.zeros((0, teacher.identity["embed_dim"]), np.float32)]
+    with torch.inference_mode():
         for s in range(0, len(texts), cfg.batch_size):
-            tokens = tokenizer(texts[s:s + cfg.batch_size]).to(cfg.device)
-            with _autocast(cfg.device):
-                out.append(_normalise(clip.encode_text(tokens)))
-    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+            tokens = teacher.tokenizer(texts[s:s + cfg.batch_size]).to(cfg.device)
+            with autocast(cfg.device):
+                emb = teacher.model.encode_text(tokens)
+            out.append(torch.nn.functional.normalize(emb.float(), dim=-1).cpu().numpy())
+    return np.concatenate(out)
 
 
-def _embed_text_store(cfg, fmt, clip, tokenizer, name, items, attrs, summary) -> None:
+def _embed_text_store(cfg, fmt, teacher: Teacher, captions: list[tuple[str, str]], attrs: dict,
+                      summary: EmbedSummary) -> None:
+    """Caption embeddings by caption id, in parts like the images (text needs no worker processes)."""
     from tqdm import tqdm
-    store = cfg.cache / name
-    store.mkdir(parents=True, exist_ok=True)
-    parts, todo = _my_parts(cfg, len(items), store)
-    for k in tqdm(todo, unit="part", desc=f"embed {name}", disable=not cfg.progress or len(todo) < 2):
-        chunk = [items[j] for j in parts[k]]
-        emb = _encode_texts(clip, tokenizer, [t for _, t in chunk], cfg)
-        with PartWriter(store, k, fmt, dims=emb.shape[1], dtype=cfg.dtype, attrs=attrs) as writer:
-            for (key, text), row in zip(chunk, emb):
-                writer.add(key, row[None], meta={"text": text})
+    store = cfg.cache / TEXT_STORE
+    dims = teacher.identity["embed_dim"]
+    parts, todo, attrs = _plan(cfg, fmt, store, [key for key, _ in captions], attrs, dims)
+    summary.parts_skipped += sum(1 for k in range(len(parts)) if k % cfg.shard[1] == cfg.shard[0]) - len(todo)
+    for k in tqdm(todo, unit="part", desc="embed captions", disable=not cfg.progress or len(todo) < 2):
+        chunk = [captions[j] for j in parts[k]]
+        emb = _encode_texts(teacher, [text for _, text in chunk], cfg)
+        with PartWriter(store, k, fmt, dims=dims, dtype=cfg.dtype, attrs=attrs) as writer:
+            for (caption_id, text), row in zip(chunk, emb):
+                writer.add(caption_id, row[None], meta={"text": text})
     _finish_store(store, len(parts))
 
 
-def _rewrite_keywords(cfg, fmt, clip, tokenizer, prompts: list[tuple[str, str]], attrs) -> None:
-    """Keyword prompts are cheap: the store is rewritten whenever the words or the template change."""
-    import shutil
+def _write_keyword_store(cfg, fmt, teacher: Teacher, words: list[str], attrs: dict) -> None:
+    """Keyword prompts are cheap: the store is rebuilt in a new folder and swapped in whenever the words or
+    the template change, so readers never see half of it."""
     store = cfg.cache / KEYWORD_STORE
-    kw_attrs = {**attrs, "prompt": cfg.prompt, "keywords": [w for w, _ in prompts]}
-    if store.is_dir():
-        try:
-            from cache.store import StoreReader
-            if StoreReader(store).attrs.get("keywords") == kw_attrs["keywords"] and \
-                    StoreReader(store).attrs.get("prompt") == cfg.prompt:
-                return
-        except (FileNotFoundError, ValueError):
-            pass
-        shutil.rmtree(store)
-    store.mkdir(parents=True)
-    emb = _encode_texts(clip, tokenizer, [p for _, p in prompts], cfg)
-    with PartWriter(store, 0, fmt, dims=emb.shape[1], dtype=cfg.dtype, attrs=kw_attrs) as writer:
-        for (word, prompt), row in zip(prompts, emb):
+    attrs = {**attrs, "prompt": cfg.prompt, "keywords": words}
+    for leftover in cfg.cache.glob(f"{KEYWORD_STORE}.*-*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+    if (store / INDEX_FILE[fmt]).is_file() and not settings_diff(read_store_json(store)["attrs"], attrs):
+        return
+    prompts = [cfg.prompt.format(w) for w in words]
+    emb = _encode_texts(teacher, prompts, cfg)
+    tmp = cfg.cache / f"{KEYWORD_STORE}.tmp-{os.getpid()}"
+    with PartWriter(tmp, 0, fmt, dims=emb.shape[1], dtype=cfg.dtype, attrs=attrs) as writer:
+        for word, prompt, row in zip(words, prompts, emb):
             writer.add(word, row[None], meta={"prompt": prompt})
-    build_index(store)
+    build_index(tmp)
+    if store.exists():
+        store.rename(cfg.cache / f"{KEYWORD_STORE}.old-{os.getpid()}")
+    tmp.rename(store)
+    shutil.rmtree(cfg.cache / f"{KEYWORD_STORE}.old-{os.getpid()}", ignore_errors=True)

@@ -1,36 +1,44 @@
-"""The extract-audio stage: corpus audio -> features in CACHE/audio, in parallel, resumable and shardable.
-
-Utterances are cut, in corpus order, into parts of `part_size`; each part is computed and written by one
-process under a temporary name and renamed when complete, so a rerun after a crash skips finished parts
-and produces the same bytes as an uninterrupted run. `shard=(i, n)` takes the parts k with k % n == i.
-"""
+"""The extract-audio stage: corpus audio -> features in CACHE/audio, in worker processes, resumable after a
+crash and shardable over array jobs (cache layout: docs/design.md)."""
 from __future__ import annotations
 
 import hashlib
 import json
 import multiprocessing as mp
 import os
-import queue
+import sys
 import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import torch
+from tqdm import tqdm
 
-from cache.manifest import (atomic_write_json, claim_section, read_records, record_stage_failures,
-                            write_records)
-from cache.store import FORMATS, PartWriter, build_index, completed_parts, part_path
+from cache.manifest import (RECORDS, CacheMismatchError, atomic_write_json, claim_section, read_manifest,
+                            read_records, record_stage_failures, settings_diff, write_records)
+from cache.store import (FORMATS, STORE_JSON, STORE_VERSION, PartWriter, StoreReader, build_index,
+                         completed_parts, part_path, read_store_json)
+from pipeline.audio import SAMPLE_RATE, AudioError, load_audio
 from pipeline.corpus import Corpus, read_corpus
-from pipeline.features import get_recipe
+from pipeline.features import NORM_EPS, compute_batch, get_recipe, prepare
 from pipeline.versions import versions
 
 AUDIO_STORE = "audio"
-DEFAULT_PART_SIZE = 500
-PROGRESS_EVERY = 16      # utterances between progress messages from a worker
-FAILURES_DIR = "failures"
+STORE_DTYPE = "float16"
+DEFAULT_PART_SIZE = 500      # utterances per part: the unit of resume and sharding
+CPU_BATCH = 8                # utterances per feature call in a worker: amortises torch's per-op overhead
+WINDOW = 64                  # utterances a worker decodes, then computes in length-sorted batches
+FAILURES_DIR = "failures"    # STORE/failures/part-00012.json: a part's failures, written before the part
+SPEAKER_CMVN = "speaker_cmvn.json"  # STORE/speaker_cmvn.json; trainer/data.py reads the same name
+META_KEYS = ("image_id", "caption_id", "caption", "speaker", "split")  # stored with each utterance
 
 
 def default_workers() -> int:
+    """Cores this process may use (its CPU affinity), at least 1."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
@@ -39,298 +47,433 @@ class ExtractConfig:
     data: Path
     cache: Path
     recipe: str = "mfcc-seed"
-    recipe_options: tuple = ()               # (name, value) pairs passed to the recipe's config
+    recipe_options: tuple[tuple[str, Any], ...] = ()  # (name, value) pairs overriding the recipe's defaults
     fmt: str = "hdf5"
     workers: int = field(default_factory=default_workers)
     shard: tuple[int, int] = (0, 1)
     part_size: int = DEFAULT_PART_SIZE
     max_failures: int = 100
-    batch_device: str | None = None          # e.g. "cuda": workers decode, features computed there in batches
-    batch_size: int = 64                     # utterances per batched feature computation
+    batch_device: str | None = None   # e.g. "cuda": workers only decode, features computed there in batches
+    batch_size: int = 64              # utterances per batched feature computation on batch_device
     index_only: bool = False
     progress: bool = True
 
     def __post_init__(self):
+        object.__setattr__(self, "data", Path(self.data).expanduser())
+        object.__setattr__(self, "cache", Path(self.cache).expanduser())
         if self.fmt not in FORMATS:
             raise ValueError(f"--format {self.fmt!r}: use one of {', '.join(FORMATS)}")
         i, n = self.shard
         if not (n >= 1 and 0 <= i < n):
             raise ValueError(f"--shard {i}/{n}: expected I/N with 0 <= I < N, e.g. 0/4")
-        if self.workers < 1:
-            raise ValueError(f"--workers {self.workers}: need at least 1")
-        if self.part_size < 1:
-            raise ValueError(f"--part-size {self.part_size}: need at least 1")
+        for name in ("workers", "part_size", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)}: need at least 1")
         if self.max_failures < 0:
             raise ValueError(f"--max-failures {self.max_failures}: must be 0 or more")
+        if self.cache.exists() and not self.cache.is_dir():
+            raise ValueError(f"--cache {self.cache} is a file; give a folder (created if missing)")
+        if self.batch_device is not None:
+            try:
+                kind = torch.device(self.batch_device).type
+            except RuntimeError:
+                kind = None
+            if kind not in ("cpu", "cuda"):
+                raise ValueError(f"--device {self.batch_device!r}: use cpu, cuda or cuda:N")
+            if kind == "cuda" and not torch.cuda.is_available():
+                raise ValueError(f"--device {self.batch_device}: torch sees no CUDA device here; use cpu")
 
 
 @dataclass
 class ExtractSummary:
+    """What one run did; `lines()` is what the command prints."""
+    cache: Path
     utterances: int = 0          # in the corpus
-    parts: int = 0               # in the whole plan
+    parts: int = 0               # in the whole plan (all shards)
+    shard: tuple[int, int] = (0, 1)
+    workers: int = 1
     parts_done: int = 0          # written by this run
-    parts_skipped: int = 0       # found complete
+    parts_skipped: int = 0       # of this shard, found complete
     written: int = 0             # utterances written by this run
-    failed: int = 0              # failures in this run
-    failures_total: int = 0      # failures recorded for the whole cache (when indexed)
-    audio_seconds: float = 0.0
-    seconds: float = 0.0
-    indexed: bool = False
-    missing_parts: list = field(default_factory=list)
+    failed: int = 0              # utterances that failed in this run
+    failures: dict[str, int] = field(default_factory=dict)  # kind -> count, over all complete parts
+    audio_seconds: float = 0.0   # decoded by this run
+    work_seconds: float = 0.0    # from starting the workers to the last part written
+    seconds: float = 0.0         # the whole run
+    indexed: int | None = None   # utterances in the index, when this run built it
+    missing_parts: list[int] = field(default_factory=list)
+
+    @property
+    def failures_total(self) -> int:
+        return sum(self.failures.values())
 
     def lines(self) -> list[str]:
-        rate = self.written / self.seconds if self.seconds else 0.0
-        rt = self.audio_seconds / self.seconds if self.seconds else 0.0
-        out = [f"parts: {self.parts_done} written, {self.parts_skipped} already complete, {self.parts} in the plan",
-               f"utterances: {self.written} written, {self.failed} failed in this run "
-               f"({rate:.0f} utt/s, {rt:.0f}x real time, {self.seconds:.1f} s)"]
-        if self.indexed:
-            out.append(f"index: built over all {self.parts} parts; {self.failures_total} failures recorded")
-        elif self.missing_parts:
-            out.append(f"index: not built yet, {len(self.missing_parts)} parts missing (other shards?); "
-                       "the last shard to finish builds it, or run again with --index-only")
+        i, n = self.shard
+        out = [f"extract-audio: {self.utterances} utterances in {self.parts} parts"
+               f"{f', shard {i}/{n}' if n > 1 else ''}; this run wrote {self.parts_done} parts, "
+               f"{self.parts_skipped} were already complete"]
+        if self.parts_done:
+            per_s = 1 / self.work_seconds if self.work_seconds else 0.0
+            out.append(f"utterances: {self.written} written, {self.failed} failed; "
+                       f"{self.audio_seconds / 3600:.2f} h of audio in {self.work_seconds:.1f} s with "
+                       f"{self.workers} workers ({(self.written + self.failed) * per_s:.0f} utt/s, "
+                       f"{self.audio_seconds * per_s:.0f}x real time; {self.seconds:.1f} s in all)")
+        where = "failures.jsonl" if self.indexed is not None else f"{AUDIO_STORE}/{FAILURES_DIR}"
+        kinds = ", ".join(f"{k} {v}" for k, v in sorted(self.failures.items(), key=lambda kv: -kv[1]))
+        failed = (f"{self.failures_total} failed ({kinds}; listed in {self.cache / where})" if self.failures
+                  else "none failed")
+        if self.indexed is not None:
+            out.append(f"index: {self.indexed} utterances in {self.parts} parts; {failed}")
+        else:
+            names = _first([f"{k:05d}" for k in self.missing_parts])
+            out.append(f"index: not built yet, {len(self.missing_parts)} of {self.parts} parts missing "
+                       f"(parts {names}: other --shard jobs?); the last job to finish builds it, or run "
+                       f"--index-only once all have; so far {failed}")
         return out
 
 
+class WorkerDied(RuntimeError):
+    """A worker process was killed; completed parts are kept and a rerun resumes."""
+
+
 class TooManyFailures(RuntimeError):
-    """More utterances failed than --max-failures allows; the cache holds the rest."""
+    """More utterances failed than --max-failures allows; the cache holds the rest (`.summary`)."""
+
+    def __init__(self, summary: ExtractSummary, max_failures: int):
+        self.summary = summary
+        super().__init__("\n".join(summary.lines() + [
+            f"error: {summary.failures_total} utterances failed, more than --max-failures {max_failures}: "
+            "fix or drop those files (reasons listed above), or raise --max-failures"]))
 
 
-# ----------------------------------------------------------------------------------------------------
-# Planning
+def _first(names: list[str], n: int = 8) -> str:
+    return ", ".join(names[:n]) + (", ..." if len(names) > n else "")
 
+
+# ---- planning and the cache's self-description ----
 
 def plan_parts(n_utterances: int, part_size: int) -> list[range]:
+    """Corpus positions of each part: consecutive runs of `part_size` (the last one shorter)."""
     return [range(s, min(s + part_size, n_utterances)) for s in range(0, n_utterances, part_size)]
 
 
-def _ids_digest(corpus: Corpus) -> str:
-    h = hashlib.sha1()
-    for u in corpus.utterances:
-        h.update(u.utt_id.encode("utf-8") + b"\n")
-    return h.hexdigest()
+def corpus_digest(corpus: Corpus) -> str:
+    """sha1 of the utterance ids in corpus order: the plan of parts depends on exactly that order."""
+    return hashlib.sha1("".join(u.utt_id + "\n" for u in corpus.utterances).encode("utf-8")).hexdigest()
 
 
-def _claim_cache(cfg: ExtractConfig, corpus: Corpus, recipe) -> None:
-    """Records corpus, splits, records and the feature settings; refuses a cache made otherwise."""
-    cfg.cache.mkdir(parents=True, exist_ok=True)
-    claim_section(cfg.cache, "corpus", {"kind": corpus.kind, "root": corpus.root,
-                                        "utterances": len(corpus.utterances), "splits": corpus.split_counts(),
-                                        "ids_sha1": _ids_digest(corpus)},
-                  fix="use another --cache directory for another corpus")
-    claim_section(cfg.cache, "audio", {"format": cfg.fmt, "features": recipe.to_dict(), "part_size": cfg.part_size},
-                  fix=f"use another --cache directory, or delete {cfg.cache / AUDIO_STORE} and the 'audio' "
-                      f"section of {cfg.cache / 'cache.json'} to recompute")
-    try:
-        read_records(cfg.cache)
-    except FileNotFoundError:
+def _store_attrs(recipe) -> dict:
+    return {"stage": "extract-audio", "features": recipe.to_dict(), "versions": versions()}
+
+
+def _check_cache(cfg: ExtractConfig, corpus: Corpus, recipe) -> None:
+    """Records corpus, splits, records.jsonl and the feature settings in the cache, or refuses (before any
+    work) a cache made with other settings, naming every setting that differs."""
+    sections = {
+        "corpus": {"kind": corpus.kind, "root": corpus.root, "utterances": len(corpus.utterances),
+                   "splits": corpus.split_counts(), "ids_sha1": corpus_digest(corpus)},
+        "audio": {"format": cfg.fmt, "features": recipe.to_dict(), "part_size": cfg.part_size},
+    }
+    manifest = read_manifest(cfg.cache)
+    diffs = [line for name, settings in sections.items() if name in manifest
+             for line in settings_diff(manifest[name], settings, name)]
+    store = cfg.cache / AUDIO_STORE
+    if not diffs and (store / STORE_JSON).is_file():  # e.g. other versions, which PartWriter would refuse
+        expected = {"version": STORE_VERSION, "format": cfg.fmt, "dims": recipe.dims, "dtype": STORE_DTYPE,
+                    "attrs": _store_attrs(recipe)}
+        diffs += settings_diff(read_store_json(store), expected, f"{AUDIO_STORE}/{STORE_JSON}")
+    if diffs:
+        lines = "\n  ".join(diffs)
+        raise CacheMismatchError(
+            f"cache {cfg.cache} was made with other settings than requested:\n  {lines}\nFix: pass the "
+            f"settings it was made with (see {cfg.cache / 'cache.json'}), use another --cache folder, or "
+            f"delete {store} and the 'audio' section of cache.json to compute the features again")
+    if cfg.index_only:
+        if "audio" not in manifest:
+            raise FileNotFoundError(f"{cfg.cache}: no audio features to index; --index-only follows "
+                                    "`extract-audio --shard I/N` jobs on this cache: run those first")
+        return
+    for name, settings in sections.items():
+        claim_section(cfg.cache, name, settings)
+    if not (cfg.cache / RECORDS).is_file():  # the claimed ids_sha1 vouches for one that is there
         write_records(cfg.cache, [u.to_dict() for u in corpus.utterances])
-
-
-# ----------------------------------------------------------------------------------------------------
-# Workers
-
-_worker: dict = {}
-
-
-def _init_worker(recipe_name: str, recipe_options: dict, progress_queue) -> None:
-    import torch
-    torch.set_num_threads(1)   # one process per core; more threads only contend
-    _worker["recipe"] = get_recipe(recipe_name, **recipe_options)
-    _worker["queue"] = progress_queue
-
-
-def _tick(n: int, audio_seconds: float) -> None:
-    q = _worker.get("queue")
-    if q is not None:
-        q.put((n, audio_seconds))
-
-
-def _load(u: dict, recipe):
-    """Decodes one utterance: (waveform, None) or (None, failure record)."""
-    from pipeline.audio import AudioError, load_audio
-    try:
-        wave = load_audio(u["audio_path"])
-        if wave.numel() < recipe.min_samples:
-            raise AudioError(f"too short for one frame: {wave.numel()} samples")
-        return wave, None
-    except AudioError as e:
-        return None, _failure(u, getattr(e, "reason", str(e)))
-    except Exception as e:  # a decoder error we did not foresee must not stop the other 599,999
-        return None, _failure(u, f"{type(e).__name__}: {e}")
-
-
-def _failure(u: dict, reason: str) -> dict:
-    return {"stage": "audio", "id": u["utt_id"], "path": u["audio_path"], "reason": reason}
-
-
-def _meta(u: dict) -> dict:
-    return {k: u[k] for k in ("image_id", "caption_id", "caption", "speaker", "split")}
-
-
-def _write_part(store: Path, part: int, fmt: str, recipe, items, failures: list[dict]) -> dict:
-    """Writes one part from (utterance, features) items; its failures are saved beside it before the rename."""
-    attrs = {"stage": "extract-audio", "features": recipe.to_dict(), "versions": versions()}
-    written = 0
-    with PartWriter(store, part, fmt, dims=recipe.dims, dtype="float16", attrs=attrs) as writer:
-        for u, feats in items:
-            if not np.isfinite(feats).all():
-                failures.append(_failure(u, "features contain NaN or Inf (corrupt samples?)"))
-                continue
-            writer.add(u["utt_id"], feats, meta=_meta(u))
-            written += 1
-        atomic_write_json(_failures_path(store, part), failures)
-    return {"part": part, "written": written, "failed": len(failures)}
-
-
-def _extract_part(task) -> dict:
-    """Worker: decode + features + write, for one part."""
-    from pipeline.features import compute
-    part, utts, store, fmt = task
-    recipe = _worker["recipe"]
-    items, failures, seconds, pending = [], [], 0.0, 0
-    for u in utts:
-        wave, failure = _load(u, recipe)
-        if failure is None:
-            try:
-                items.append((u, compute(recipe, wave).numpy()))
-                seconds += wave.numel() / 16000
-            except Exception as e:
-                failure = _failure(u, getattr(e, "reason", f"{type(e).__name__}: {e}"))
-        if failure is not None:
-            failures.append(failure)
-        pending += 1
-        if pending == PROGRESS_EVERY:
-            _tick(pending, seconds)
-            pending, seconds = 0, 0.0
-    _tick(pending, seconds)
-    return _write_part(store, part, fmt, recipe, items, failures)
-
-
-def _decode_part(task):
-    """Worker of the batched path: decoding and the per-utterance steps (trimming...); the frame-level
-    features are computed in the main process on the batch device."""
-    from pipeline.features import prepare
-    part, utts, _, _ = task
-    recipe = _worker["recipe"]
-    decoded, failures, seconds = [], [], 0.0
-    for u in utts:
-        wave, failure = _load(u, recipe)
-        if failure is None:
-            try:
-                decoded.append((u, prepare(recipe, wave)))
-                seconds += wave.numel() / 16000
-            except Exception as e:
-                failure = _failure(u, getattr(e, "reason", f"{type(e).__name__}: {e}"))
-        if failure is not None:
-            failures.append(failure)
-    _tick(len(utts), seconds)
-    return part, decoded, failures
 
 
 def _failures_path(store: Path, part: int) -> Path:
     return store / FAILURES_DIR / f"part-{part:05d}.json"
 
 
-# ----------------------------------------------------------------------------------------------------
-# The stage
+def _remove_leftovers(store: Path, parts: list[int], fmt: str) -> None:
+    """Temporary files that a killed run left for `parts` (only this job's: other jobs may be writing)."""
+    for k in parts:
+        for final in (part_path(store, k, fmt), _failures_path(store, k)):
+            for tmp in final.parent.glob(f"{final.name}.tmp-*"):
+                tmp.unlink(missing_ok=True)
 
+
+def _recorded_failures(store: Path, parts) -> list[dict]:
+    paths = [_failures_path(store, k) for k in sorted(parts)]
+    return [f for path in paths if path.is_file() for f in json.loads(path.read_text(encoding="utf-8"))]
+
+
+# ---- per-utterance work ----
+
+def _failure(u: dict, reason: str) -> dict:
+    return {"stage": "audio", "id": u["utt_id"], "path": u["audio_path"], "reason": reason}
+
+
+def _decode_all(utts: list[dict], recipe, failures: list[dict]) -> tuple[list, float]:
+    """Decodes and prepares (trim...) each utterance: [(utterance, wave [S'] float32)] and the seconds of
+    audio decoded; the ones that fail are appended to `failures` instead."""
+    decoded, seconds = [], 0.0
+    for u in utts:
+        path = u["audio_path"]
+        try:
+            if os.path.isfile(path) and os.path.getsize(path) == 0:
+                raise AudioError("empty file (0 bytes)", path)
+            wave = load_audio(path)
+            decoded.append((u, prepare(recipe, wave).numpy()))
+            seconds += len(wave) / SAMPLE_RATE
+        except AudioError as err:
+            failures.append(_failure(u, err.reason))
+        except Exception as err:  # a decoder error nobody foresaw must not stop the other 599,999 utterances
+            failures.append(_failure(u, f"{type(err).__name__}: {err}"))
+    return decoded, seconds
+
+
+def compute_features(recipe, waves: list[np.ndarray], device: str = "cpu", batch_size: int = CPU_BATCH
+                     ) -> list[np.ndarray]:
+    """Features [T_i, dims] float32 of prepared waves [S_i], in length-sorted padded batches on `device`.
+
+    Sorting keeps the padding small. The batches depend only on the waves, so the same part gives the
+    same bytes whenever it is computed (a resumed or sharded run equals an uninterrupted one).
+    """
+    order = sorted(range(len(waves)), key=lambda i: (len(waves[i]), i))
+    out: list[np.ndarray] = [np.empty(0)] * len(waves)
+    for s in range(0, len(order), batch_size):
+        chunk = order[s:s + batch_size]
+        feats = compute_batch(recipe, [torch.from_numpy(waves[i]) for i in chunk], device, prepared=True)
+        for i, f in zip(chunk, feats):
+            out[i] = f.float().cpu().numpy()
+    return out
+
+
+def _add_all(writer: PartWriter, items, failures: list[dict]) -> int:
+    """Adds (utterance, features) items; non-finite ones become failures. Returns how many were added."""
+    added = 0
+    for u, feats in items:
+        with np.errstate(over="ignore"):
+            stored = feats.astype(STORE_DTYPE)
+        if not np.isfinite(feats).all():
+            failures.append(_failure(u, "features contain NaN or Inf (corrupt samples?)"))
+        elif not np.isfinite(stored).all():  # the store would refuse the whole part
+            failures.append(_failure(u, f"features beyond the range of {STORE_DTYPE} (max 65504)"))
+        else:
+            writer.add(u["utt_id"], stored, meta={k: u[k] for k in META_KEYS})
+            added += 1
+    return added
+
+
+def _write_part(store: Path, part: int, fmt: str, recipe, utts: list[dict], batches, failures: list[dict]
+                ) -> dict:
+    """Writes one part from an iterable of lists of (utterance, features). The part's failures file is
+    written before the part's rename, so a complete part always has its failures on disk."""
+    written = 0
+    attrs = _store_attrs(recipe)
+    with PartWriter(store, part, fmt, dims=recipe.dims, dtype=STORE_DTYPE, attrs=attrs) as writer:
+        for batch in batches:
+            written += _add_all(writer, batch, failures)
+        position = {u["utt_id"]: i for i, u in enumerate(utts)}
+        failures.sort(key=lambda f: position[f["id"]])
+        atomic_write_json(_failures_path(store, part), failures)
+    return {"part": part, "written": written, "failed": len(failures)}
+
+
+_worker: dict = {}  # each worker process's recipe, store, format and progress queue
+
+
+def _init_worker(recipe_name: str, recipe_options: dict, store: Path, fmt: str, ticks) -> None:
+    torch.set_num_threads(1)  # one process per core; more threads per process only contend
+    _worker.update(recipe=get_recipe(recipe_name, **recipe_options), store=store, fmt=fmt, ticks=ticks)
+
+
+def _extract_part(task: tuple[int, list[dict]]) -> dict:
+    """Worker of the CPU path: decode, compute and write one part, a window at a time (bounded memory)."""
+    part, utts = task
+    recipe, failures, audio_seconds = _worker["recipe"], [], [0.0]
+
+    def windows():
+        for s in range(0, len(utts), WINDOW):
+            decoded, seconds = _decode_all(utts[s:s + WINDOW], recipe, failures)
+            feats = compute_features(recipe, [w for _, w in decoded])
+            audio_seconds[0] += seconds
+            _worker["ticks"].put((len(utts[s:s + WINDOW]), seconds))
+            yield [(u, f) for (u, _), f in zip(decoded, feats)]
+
+    out = _write_part(_worker["store"], part, _worker["fmt"], recipe, utts, windows(), failures)
+    return {**out, "audio_seconds": audio_seconds[0]}
+
+
+def _decode_part(task: tuple[int, list[dict]]):
+    """Worker of the batched path: decoding and the per-utterance steps only; the main process computes
+    the features on the batch device."""
+    part, utts = task
+    failures: list[dict] = []
+    decoded, seconds = _decode_all(utts, _worker["recipe"], failures)
+    return part, utts, decoded, failures, seconds
+
+
+# ---- the stage ----
 
 def extract_audio(cfg: ExtractConfig) -> ExtractSummary:
-    """Runs the stage; raises TooManyFailures (after finishing the work) if failures exceed the limit."""
+    """Runs the stage; raises TooManyFailures (after finishing the work) when failures exceed the limit,
+    ValueError/FileNotFoundError (before any work) for bad options, corpus or cache."""
     started = time.perf_counter()
-    recipe = get_recipe(cfg.recipe, **dict(cfg.recipe_options))   # a bad recipe fails before any work
+    recipe = get_recipe(cfg.recipe, **dict(cfg.recipe_options))
     corpus = read_corpus(cfg.data)
-    _claim_cache(cfg, corpus, recipe)
+    _check_cache(cfg, corpus, recipe)
     store = cfg.cache / AUDIO_STORE
-    (store / FAILURES_DIR).mkdir(parents=True, exist_ok=True)
-
-    utts = [u.to_dict() for u in corpus.utterances]
-    parts = plan_parts(len(utts), cfg.part_size)
+    plan = plan_parts(len(corpus.utterances), cfg.part_size)
+    summary = ExtractSummary(cache=cfg.cache, utterances=len(corpus.utterances), parts=len(plan),
+                             shard=cfg.shard, workers=cfg.workers)
     done = completed_parts(store)
-    summary = ExtractSummary(utterances=len(utts), parts=len(parts))
-    i, n = cfg.shard
-    mine = [k for k in range(len(parts)) if k % n == i]
-    todo = [k for k in mine if k not in done]
-    summary.parts_skipped = len(mine) - len(todo)
-    for k in todo:   # leftovers of a killed run of this shard
-        for tmp in store.glob(part_path(store, k, cfg.fmt).name + ".tmp*"):
-            tmp.unlink()
-
-    if todo and not cfg.index_only:
-        tasks = [(k, [utts[j] for j in parts[k]], store, cfg.fmt) for k in todo]
-        total = sum(len(t[1]) for t in tasks)
-        _run_parts(cfg, recipe, tasks, total, summary)
+    if cfg.index_only:
+        missing = [part_path(store, k, cfg.fmt).name for k in range(len(plan)) if k not in done]
+        if missing:
+            raise ValueError(f"--index-only: {len(missing)} of {len(plan)} parts are missing in {store} "
+                             f"({_first(missing)}); run the --shard I/N jobs that write them (part k belongs "
+                             "to job k % N), then --index-only again")
+    else:
+        i, n = cfg.shard
+        mine = [k for k in range(len(plan)) if k % n == i]
+        todo = [k for k in mine if k not in done]
+        summary.parts_skipped = len(mine) - len(todo)
+        (store / FAILURES_DIR).mkdir(parents=True, exist_ok=True)
+        _remove_leftovers(store, todo, cfg.fmt)
+        if todo:
+            utts = [u.to_dict() for u in corpus.utterances]
+            _run_parts(cfg, recipe, [(k, [utts[j] for j in plan[k]]) for k in todo], summary)
 
     done = completed_parts(store)
-    summary.missing_parts = [k for k in range(len(parts)) if k not in done]
+    summary.missing_parts = [k for k in range(len(plan)) if k not in done]
+    failures = _recorded_failures(store, done)
+    for f in failures:  # counted by kind: "unreadable: Error opening..." -> "unreadable"
+        kind = f["reason"].split(":")[0].split(" (")[0]
+        summary.failures[kind] = summary.failures.get(kind, 0) + 1
     if not summary.missing_parts:
-        build_index(store)
-        failures = []
-        for k in range(len(parts)):
-            path = _failures_path(store, k)
-            if path.is_file():
-                failures.extend(json.loads(path.read_text()))
+        summary.indexed = build_index(store)
         record_stage_failures(cfg.cache, "audio", failures)
-        summary.indexed, summary.failures_total = True, len(failures)
+        if getattr(recipe, "normalisation", None) == "speaker" and (
+                summary.parts_done or not (store / SPEAKER_CMVN).is_file()):
+            write_speaker_cmvn(cfg.cache)
     summary.seconds = time.perf_counter() - started
-    if summary.failed > cfg.max_failures or summary.failures_total > cfg.max_failures:
-        raise TooManyFailures("\n".join(
-            [f"{max(summary.failed, summary.failures_total)} utterances failed, more than --max-failures "
-             f"{cfg.max_failures}; see {cfg.cache / 'failures.jsonl'}"] + summary.lines()))
+    if summary.failures_total > cfg.max_failures:
+        raise TooManyFailures(summary, cfg.max_failures)
     return summary
 
 
-def _run_parts(cfg: ExtractConfig, recipe, tasks: list, total: int, summary: ExtractSummary) -> None:
-    from tqdm import tqdm
-    ctx = mp.get_context("spawn")     # never fork a process that holds torch threads or HDF5 handles
-    progress_queue = ctx.Queue()
-    bar = tqdm(total=total, unit="utt", desc="extract-audio", disable=not cfg.progress, smoothing=0.1)
-    audio_seconds = 0.0
+def _mp_context():
+    # fork starts a worker in milliseconds where spawn re-imports torch (~2 s of CPU each). Safe here: the
+    # pool starts before this process opens any HDF5 file, workers never touch CUDA, and each runs torch
+    # single-threaded (as DataLoader's forked workers do). Elsewhere (macOS, Windows): spawn.
+    return mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+
+
+class _Progress:
+    """A tqdm bar over utterances that also shows hours of audio per second."""
+
+    def __init__(self, total: int, enabled: bool):
+        # in a log file (array jobs), a line every 30 s rather than a redraw every 0.5 s
+        self.bar = tqdm(total=total, unit="utt", desc="extract-audio", smoothing=0.1, disable=not enabled,
+                        mininterval=0.5 if sys.stderr.isatty() else 30.0)
+        self.audio_seconds = 0.0
+
+    def update(self, n: int, audio_seconds: float) -> None:
+        self.audio_seconds += audio_seconds
+        rate = self.audio_seconds / 3600 / max(self.bar.format_dict["elapsed"], 1e-9)
+        self.bar.set_postfix_str(f"{rate:.3g} audio h/s", refresh=False)
+        self.bar.update(n)
+
+    def drain(self, ticks) -> None:
+        """Applies the (utterances, seconds) ticks that the workers have sent so far."""
+        while not ticks.empty():
+            self.update(*ticks.get())
+
+
+def _run_parts(cfg: ExtractConfig, recipe, tasks: list[tuple[int, list]], summary: ExtractSummary) -> None:
+    """The parts in `tasks` through a pool of cfg.workers processes, a bounded number in flight."""
+    started, threads = time.perf_counter(), torch.get_num_threads()
     batched = cfg.batch_device is not None
-    worker_fn = _decode_part if batched else _extract_part
-    # a bounded number of parts in flight keeps memory flat, whatever the corpus size
-    in_flight_max = 2 * cfg.workers
-    with ctx.Pool(cfg.workers, initializer=_init_worker,
-                  initargs=(cfg.recipe, dict(cfg.recipe_options), progress_queue)) as pool:
-        pending = list(tasks)
-        running: list = []
-        while pending or running:
-            while pending and len(running) < in_flight_max:
-                running.append(pool.apply_async(worker_fn, (pending.pop(0),)))
-            try:
-                n, secs = progress_queue.get(timeout=0.1)
-                audio_seconds += secs
-                bar.update(n)
-                hours_per_s = audio_seconds / 3600 / max(bar.format_dict["elapsed"], 1e-9)
-                bar.set_postfix_str(f"{hours_per_s:.3g} audio h/s")
-            except queue.Empty:
-                pass
-            for res in [r for r in running if r.ready()]:
-                running.remove(res)
-                out = res.get()        # re-raises a worker's unexpected error here
-                if batched:
-                    out = _features_on_device(cfg, recipe, *out)
-                summary.parts_done += 1
-                summary.written += out["written"]
-                summary.failed += out["failed"]
-        while True:   # drain the last ticks
-            try:
-                n, secs = progress_queue.get_nowait()
-            except queue.Empty:
-                break
-            audio_seconds += secs
-            bar.update(n)
-    bar.close()
-    summary.audio_seconds = audio_seconds
+    ctx = _mp_context()
+    ticks = ctx.Queue()  # (utterances, seconds) from the workers, for the progress bar
+    # Parts in flight bound the memory: a worker returns a small dict on the CPU path, but a whole part of
+    # decoded audio on the batched path, where the main process computes the features.
+    limit = cfg.workers + 1 if batched else 2 * cfg.workers
+    initargs = (cfg.recipe, dict(cfg.recipe_options), cfg.cache / AUDIO_STORE, cfg.fmt, ticks)
+    # An executor rather than multiprocessing.Pool: a worker that dies (the OOM killer...) fails the run
+    # with BrokenProcessPool, where Pool would wait forever for its part.
+    with ProcessPoolExecutor(cfg.workers, mp_context=ctx, initializer=_init_worker,
+                             initargs=initargs) as pool:
+        pool.submit(os.getpid).result()  # fork the workers now, before tqdm starts its monitor thread
+        if batched and torch.device(cfg.batch_device).type == "cpu":
+            torch.set_num_threads(1)  # the workers hold the cores: more threads here made it 4x slower
+        progress = _Progress(sum(len(utts) for _, utts in tasks), cfg.progress)
+        try:
+            pending, running = list(reversed(tasks)), set()
+            while pending or running:
+                while pending and len(running) < limit:
+                    running.add(pool.submit(_decode_part if batched else _extract_part, pending.pop()))
+                progress.drain(ticks)
+                finished, running = wait(running, timeout=0.1, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    out = future.result()  # re-raises a worker's unexpected error here
+                    if batched:
+                        out = _write_decoded(cfg, recipe, *out)
+                        progress.update(out["utterances"], out["audio_seconds"])
+                    summary.parts_done += 1
+                    summary.written += out["written"]
+                    summary.failed += out["failed"]
+                    summary.audio_seconds += out["audio_seconds"]
+            pool.shutdown()  # the workers flush their last ticks as they exit
+            progress.drain(ticks)
+        except BrokenProcessPool as err:
+            raise WorkerDied("a worker process died (out of memory? killed?); the parts it finished are "
+                             "kept: run the same command again to resume") from err
+        finally:
+            torch.set_num_threads(threads)
+            progress.bar.close()
+    summary.work_seconds = time.perf_counter() - started
 
 
-def _features_on_device(cfg: ExtractConfig, recipe, part: int, decoded: list, failures: list) -> dict:
-    """Batched path: the decoded waves of one part through compute_batch on cfg.batch_device, then written."""
-    from pipeline.features import compute_batch
-    items = []
-    for s in range(0, len(decoded), cfg.batch_size):
-        chunk = decoded[s:s + cfg.batch_size]
-        feats = compute_batch(recipe, [w for _, w in chunk], cfg.batch_device, prepared=True)
-        items.extend((u, f.float().cpu().numpy()) for (u, _), f in zip(chunk, feats))
-    return _write_part(cfg.cache / AUDIO_STORE, part, cfg.fmt, recipe, items, failures)
+def _write_decoded(cfg: ExtractConfig, recipe, part: int, utts: list[dict], decoded: list,
+                   failures: list[dict], seconds: float) -> dict:
+    """Batched path, in the main process: a decoded part's features on cfg.batch_device, then the part."""
+    feats = compute_features(recipe, [w for _, w in decoded], cfg.batch_device, cfg.batch_size)
+    batches = [[(u, f) for (u, _), f in zip(decoded, feats)]]
+    out = _write_part(cfg.cache / AUDIO_STORE, part, cfg.fmt, recipe, utts, batches, failures)
+    return {**out, "audio_seconds": seconds, "utterances": len(utts)}
+
+
+# ---- speaker-level CMVN (mfcc-kaldi with normalisation=speaker) ----
+
+def write_speaker_cmvn(cache: Path) -> Path:
+    """Per-speaker mean and std [dims] (ddof=0) over every frame in CACHE/audio, speakers from records.jsonl,
+    written atomically to CACHE/audio/speaker_cmvn.json; the trainer applies (x - mean) / (std + eps).
+    One pass in float64, so memory does not grow with the corpus."""
+    cache = Path(cache)
+    speaker_of = {r["utt_id"]: r["speaker"] for r in read_records(cache)}
+    sums: dict[str, list] = {}  # speaker -> [frames, shift [D], sum of x - shift, sum of (x - shift)^2]
+    with StoreReader(cache / AUDIO_STORE) as reader:
+        for utt_id, feats in reader:
+            x = feats.astype(np.float64)
+            # shifting by the speaker's first utterance mean keeps E[d^2] - E[d]^2 free of cancellation
+            acc = sums.setdefault(speaker_of[utt_id], [0, x.mean(axis=0), 0.0, 0.0])
+            d = x - acc[1]
+            acc[0], acc[2], acc[3] = acc[0] + len(x), acc[2] + d.sum(axis=0), acc[3] + (d * d).sum(axis=0)
+        dims = reader.dims
+    speakers = {s: {"frames": n, "mean": (shift + s1 / n).tolist(),
+                    "std": np.sqrt(np.maximum(s2 / n - (s1 / n) ** 2, 0.0)).tolist()}
+                for s, (n, shift, s1, s2) in sorted(sums.items())}
+    path = cache / AUDIO_STORE / SPEAKER_CMVN
+    atomic_write_json(path, {"version": 1, "dims": dims, "eps": NORM_EPS, "speakers": speakers})
+    return path

@@ -1,99 +1,235 @@
-"""Image decoding for the CLIP teacher: a Dataset of image files for DataLoader workers (PIL, with JPEG
-draft mode), and an alternative that decodes JPEG bytes on the GPU in batches (torchvision.io, nvjpeg)."""
+"""Image files -> CLIP image embeddings in batches: PIL decoding in DataLoader workers (with JPEG draft mode),
+or JPEG bytes decoded in batches on the device (torchvision.io: nvjpeg on a GPU), then the image tower."""
 from __future__ import annotations
 
-import math
+import io
+from collections import defaultdict
+from typing import Iterator
 
+import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
+from torchvision import transforms as T
 
-JPEG_MAGIC = b"\xff\xd8"
+JPEG_START, JPEG_END = b"\xff\xd8", b"\xff\xd9"
+# JPEG colour modes that torchvision.io.decode_jpeg turns into RGB on every device; others (CMYK) go to PIL
+DEVICE_JPEG_MODES = ("RGB", "L")
+# open_clip preprocessing steps that leave an RGB tensor as it is
+PASS_THROUGH = ("MaybeConvertMode", "_convert_to_rgb")
 
 
 class ImageFiles(torch.utils.data.Dataset):
-    """Item i -> (tensor, reason): reason is "" when the image decoded, else why it failed (tensor is zeros).
+    """Item i -> (pixels, reason): reason is "" when the image decoded, else why it failed (pixels None).
 
-    raw=False: the open_clip `preprocess` runs here, in the worker, on a PIL image decoded at reduced size
-    when `draft` (JPEG only: PIL decodes at 1/2, 1/4 or 1/8 scale directly from the DCT).
-    raw=True: JPEG files are returned as their bytes (uint8 [n]) for batched decoding on the GPU; other
-    formats as decoded uint8 [3, H, W] RGB tensors.
+    raw=False: decoded by PIL here, in the worker (with `draft_size`, a JPEG is decoded at 1/2, 1/4 or 1/8
+    scale straight from the DCT, never below draft_size pixels on either side: PIL's draft mode), resized and
+    cropped by the model's `preprocess`, and returned as uint8 [3, S, S]: a quarter of the bytes of float32
+    through shared and pinned memory; `model_input` scales and normalises on the device, as `preprocess`
+    would. A preprocessing that cannot be split so runs whole here (float32 [3, S, S]).
+    raw=True: plain RGB or greyscale JPEGs come back as their file bytes (uint8 [n]) for `decode_on_device`;
+    anything else (PNG, CMYK JPEG, a JPEG without its end marker) is decoded here to uint8 [3, H, W] RGB.
+    Transparent pixels are put over white in both modes.
     """
 
-    def __init__(self, paths: list[str], preprocess, size: int, draft: bool = True, raw: bool = False):
-        self.paths, self.preprocess, self.size, self.draft, self.raw = paths, preprocess, size, draft, raw
+    def __init__(self, paths: list[str], preprocess, draft_size: int | None = None, raw: bool = False):
+        self.paths, self.preprocess, self.draft_size, self.raw = paths, preprocess, draft_size, raw
+        try:
+            self.steps, self.normalize = device_steps(preprocess)
+        except ValueError:
+            self.steps = self.normalize = None
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, i: int) -> tuple[torch.Tensor | None, str]:
         path = self.paths[i]
         try:
             if self.raw:
-                with open(path, "rb") as f:
-                    data = f.read()
-                if data[:2] == JPEG_MAGIC:
-                    return torch.frombuffer(bytearray(data), dtype=torch.uint8), ""
-                return _pil_to_uint8(_open_rgb(path, None)), ""
-            return self.preprocess(_open_rgb(path, self.size if self.draft else None)), ""
+                return _read_raw(path), ""
+            img = open_rgb(path, self.draft_size)
+            if self.steps is None:
+                return self.preprocess(img), ""
+            for step in self.steps:
+                img = step(img)
+            return pil_to_uint8(img), ""
         except FileNotFoundError:
             return None, "missing file"
         except UnidentifiedImageError:
             return None, "not an image (PIL cannot identify it)"
-        except (OSError, ValueError, SyntaxError) as e:
-            return None, f"unreadable image: {e}"
+        except Exception as e:   # truncated or corrupt data, decompression bombs: one file must not stop all
+            return None, f"unreadable image: {type(e).__name__}: {e}"
 
-    def collate(self, batch):
+    def collate(self, batch: list) -> tuple[torch.Tensor | list | None, list[str]]:
+        """(pixels of the items that decoded, in order, reasons of all items). pixels: [m, 3, S, S]
+        (raw=False; None when m == 0) or a list of m uint8 tensors (raw=True)."""
         reasons = [reason for _, reason in batch]
+        good = [x for x, reason in batch if not reason]
         if self.raw:
-            return [x for x, _ in batch], reasons
-        shape = next((x.shape for x, r in batch if not r), (3, self.size, self.size))
-        return torch.stack([x if not r else torch.zeros(shape) for x, r in batch]), reasons
+            return good, reasons
+        return (torch.stack(good) if good else None), reasons
+
+    def model_input(self, pixels: torch.Tensor, device: str) -> torch.Tensor:
+        """A collated raw=False batch -> the model's input [m, 3, S, S] float32 on `device`."""
+        x = pixels.to(device, non_blocking=True)
+        return self.normalize(x.float() / 255) if x.dtype == torch.uint8 else x
 
 
-def _open_rgb(path: str, draft_size: int | None) -> Image.Image:
-    img = Image.open(path)
-    if draft_size is not None and img.format == "JPEG":
-        img.draft("RGB", (draft_size, draft_size))   # keeps both sides >= draft_size
-    img.load()
-    if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
-        # transparent pixels over white, as a viewer shows them, not over their hidden colour
-        background = Image.new("RGBA", img.size, (255, 255, 255, 255))
-        img = Image.alpha_composite(background, img.convert("RGBA"))
-    return img.convert("RGB")
+def open_rgb(source, draft_size: int | None = None) -> Image.Image:
+    """An image file (path or file object) as an RGB PIL image; transparency over white, as viewers show it.
+    draft_size: decode a JPEG at the smallest DCT scale that keeps both sides >= draft_size."""
+    with Image.open(source) as img:
+        if draft_size is not None and img.format == "JPEG":
+            img.draft("RGB", (draft_size, draft_size))
+        img.load()
+        if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+            # not over the hidden colour of transparent pixels, which is what convert("RGB") would show
+            white = Image.new("RGBA", img.size, (255, 255, 255, 255))
+            return Image.alpha_composite(white, img.convert("RGBA")).convert("RGB")
+        return img.convert("RGB")
 
 
-def _pil_to_uint8(img: Image.Image) -> torch.Tensor:
-    return torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(img.height, img.width, 3).permute(2, 0, 1)
+def pil_to_uint8(img: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> uint8 [3, H, W]."""
+    pixels = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8)
+    return pixels.view(img.height, img.width, 3).permute(2, 0, 1).contiguous()
 
 
-def decode_on_device(items: list, reasons: list[str], size: int, mean, std, device: str) -> torch.Tensor:
-    """JPEG bytes and uint8 images -> normalised [n, 3, size, size] on `device`, like open_clip's eval transform
-    (shortest side to `size` with bicubic antialiasing, centre crop). Failures are marked in `reasons`."""
+def _read_raw(path: str) -> torch.Tensor:
+    with open(path, "rb") as f:
+        data = f.read()
+    # The end marker check sends truncated JPEGs to PIL, which refuses them, whatever nvjpeg would do.
+    if data[:2] == JPEG_START and data.rstrip(b"\0")[-2:] == JPEG_END:
+        with Image.open(io.BytesIO(data)) as header:   # reads the header only
+            if header.mode in DEVICE_JPEG_MODES:
+                return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    return pil_to_uint8(open_rgb(io.BytesIO(data)))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Decoding and preprocessing on the device
+
+
+def device_steps(preprocess) -> tuple[list, T.Normalize]:
+    """open_clip's eval transform split into the resize/crop steps, which torchvision runs on uint8 tensors
+    [B, 3, H, W] on any device, and the final Normalize. ValueError for steps that only work on PIL images."""
+    steps, normalize = [], None
+    for step in getattr(preprocess, "transforms", [preprocess]):
+        if isinstance(step, (T.Resize, T.CenterCrop)) or type(step).__name__ == "CenterCropOrPad":
+            steps.append(step)
+        elif isinstance(step, T.Normalize):
+            normalize = step
+        elif isinstance(step, T.ToTensor) or getattr(step, "__name__", type(step).__name__) in PASS_THROUGH:
+            continue   # decode_jpeg already gives RGB; the scaling to [0, 1] happens before Normalize
+        else:
+            raise ValueError(f"the GPU decoding path cannot run the preprocessing step {step!r} of this "
+                             "model (resize_mode 'longest', a non-square input?); run without --gpu-decode")
+    if normalize is None:
+        raise ValueError(f"no Normalize step in the model's preprocessing {preprocess!r}; run without "
+                         "--gpu-decode")
+    return steps, normalize
+
+
+def decode_on_device(items: list[torch.Tensor], reasons: list[str], preprocess, device: str) -> torch.Tensor:
+    """What ImageFiles(raw=True) gave (JPEG bytes uint8 [n] or RGB uint8 [3, H, W]) -> the model's input
+    [m, 3, S, S] float32 on `device`, like `preprocess` on PIL images (same resize and crop, on tensors).
+
+    `items` are the images whose reason is "" (the collated batch), in order; a JPEG the device cannot decode
+    is decoded by PIL instead, and one that PIL cannot decode either gets its reason set here. The rows of the
+    result are the items whose reason is still "" afterwards.
+    """
     from torchvision.io import ImageReadMode, decode_jpeg
-    from torchvision.transforms.v2 import functional as F
-    jpeg = [i for i, (x, r) in enumerate(zip(items, reasons)) if not r and x.dim() == 1]
-    decoded: dict[int, torch.Tensor] = {}
-    if jpeg:
-        try:
-            for i, img in zip(jpeg, decode_jpeg([items[i] for i in jpeg], mode=ImageReadMode.RGB, device=device)):
-                decoded[i] = img
-        except RuntimeError:   # one bad file fails the batch: find it one by one
-            for i in jpeg:
+    steps, normalize = device_steps(preprocess)
+    slots = [i for i, reason in enumerate(reasons) if not reason]   # batch position of each item
+    assert len(slots) == len(items), "items must be the images of `reasons` that have no failure"
+    images: dict[int, torch.Tensor] = {s: x for s, x in zip(slots, items) if x.dim() == 3}
+    jpegs = [(s, x) for s, x in zip(slots, items) if x.dim() == 1]
+    if jpegs:
+        try:   # one call decodes the whole batch (batched nvjpeg on a GPU)
+            decoded = decode_jpeg([x for _, x in jpegs], mode=ImageReadMode.RGB, device=device)
+            images.update(zip([s for s, _ in jpegs], decoded))
+        except RuntimeError:   # one file it cannot decode fails the call: decode them one at a time
+            for s, x in jpegs:
                 try:
-                    decoded[i] = decode_jpeg(items[i], mode=ImageReadMode.RGB, device=device)
-                except RuntimeError as e:
-                    reasons[i] = f"unreadable image: {e}"
-    out = torch.zeros(len(items), 3, size, size, device=device)
-    m = torch.tensor(mean, device=device).view(3, 1, 1)
-    s = torch.tensor(std, device=device).view(3, 1, 1)
-    for i, (x, r) in enumerate(zip(items, reasons)):
-        if r:
-            continue
-        img = decoded.get(i, x).to(device, non_blocking=True)
-        h, w = img.shape[-2:]
-        scale = size / min(h, w)
-        img = F.resize(img, [max(size, math.floor(h * scale + 0.5)), max(size, math.floor(w * scale + 0.5))],
-                       interpolation=F.InterpolationMode.BICUBIC, antialias=True)
-        img = F.center_crop(img, [size, size])
-        out[i] = (img.float() / 255 - m) / s
-    return out
+                    images[s] = decode_jpeg(x, mode=ImageReadMode.RGB, device=device)
+                except RuntimeError:
+                    try:
+                        images[s] = pil_to_uint8(open_rgb(io.BytesIO(x.numpy().tobytes())))
+                    except Exception as e:
+                        reasons[s] = f"unreadable image: {type(e).__name__}: {e}"
+    # Same-sized images (most of a photo corpus) are resized together: a few kernels per batch, not per image.
+    by_shape: dict[tuple, list[int]] = defaultdict(list)
+    for s in sorted(images):
+        if not reasons[s]:
+            by_shape[tuple(images[s].shape)].append(s)
+    done: dict[int, torch.Tensor] = {}
+    for group in by_shape.values():
+        x = torch.stack([images[s].to(device, non_blocking=True) for s in group])
+        for step in steps:
+            x = step(x)
+        done.update(zip(group, x))
+    if not done:
+        return torch.zeros(0, 3, 1, 1, device=device)
+    x = torch.stack([done[s] for s in sorted(done)])
+    return normalize(x.float() / 255)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Embedding
+
+
+def autocast(device: str):
+    """bf16 on a GPU (CLIP was trained in mixed precision; the normalisation after it is fp32); fp32 else."""
+    if device.startswith("cuda"):
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
+
+
+def embed_image_files(model, preprocess, paths: list[str], device: str = "cpu", batch_size: int = 256,
+                      workers: int = 0, draft_size: int | None = None,
+                      gpu_decode: bool = False) -> Iterator[tuple[np.ndarray, list[str]]]:
+    """Per batch of `batch_size` paths, in order: (unit-norm image embeddings [m, D] float32 of the images
+    that decoded, reasons [n]: "" or why the image failed). `workers` processes decode and preprocess (see
+    ImageFiles); the device computes batch i+1 while the caller consumes batch i."""
+    files = ImageFiles(paths, preprocess, draft_size=draft_size, raw=gpu_decode)
+    # the workers fork when the loop starts: the caller must not hold an HDF5 file open then
+    loader = torch.utils.data.DataLoader(
+        files, batch_size=batch_size, num_workers=workers, collate_fn=files.collate,
+        pin_memory=device.startswith("cuda"), prefetch_factor=4 if workers else None)
+    pending = None
+    with torch.inference_mode():
+        for pixels, reasons in loader:
+            if gpu_decode:
+                x = decode_on_device(pixels, reasons, preprocess, device)
+            else:
+                x = files.model_input(pixels, device) if pixels is not None else None
+            launched = (_encode_async(model, x, device), reasons)
+            if pending is not None:
+                yield _fetch(*pending)
+            pending = launched
+        if pending is not None:
+            yield _fetch(*pending)
+
+
+def _encode_async(model, x: torch.Tensor | None, device: str):
+    """Queues the image tower and the copy of its unit-norm output to host memory: (host tensor, event)."""
+    if x is None or len(x) == 0:
+        return None
+    with autocast(device):
+        emb = model.encode_image(x)
+    emb = torch.nn.functional.normalize(emb.float(), dim=-1)
+    if not emb.is_cuda:
+        return emb, None
+    host = torch.empty(emb.shape, dtype=emb.dtype, pin_memory=True)
+    host.copy_(emb, non_blocking=True)
+    ready = torch.cuda.Event()
+    ready.record()
+    return host, ready
+
+
+def _fetch(encoded, reasons: list[str]) -> tuple[np.ndarray, list[str]]:
+    if encoded is None:   # no image of the batch decoded
+        return np.zeros((0, 0), np.float32), reasons
+    host, ready = encoded
+    if ready is not None:
+        ready.synchronize()
+    return host.numpy(), reasons

@@ -12,15 +12,20 @@ from pathlib import Path
 
 from trainer.model import PRESETS as ENCODER_PRESETS
 from trainer.model import EncoderConfig
+from trainer.schedule import parse_batch_schedule
 
 # TrainConfig fields that are EncoderConfig fields (the CLIP dimension and the input dims come from the cache)
 ENCODER_FIELDS = ("layers", "heads", "width", "ff_dim", "dropout", "pos_emb", "pooling", "padding_mask",
                   "max_frames")
+BEST_METRICS = ("keyword_mAP", "audio_to_image_R@10", "image_to_audio_R@10", "loss")
+DATA_MODES = ("memory", "stream")
 _SEED = EncoderConfig
 
 
 @dataclass(frozen=True)
 class TrainConfig:
+    """Every setting of `clipspeech train`; the defaults are the seed note's set-up (REFERENCE.md §1),
+    except that batches are length-bucketed and hold one caption per image (the issue asks for both)."""
     cache: str = ""
     out: str = ""
     preset: str = "seed"
@@ -40,7 +45,7 @@ class TrainConfig:
     one_caption_per_image: bool = True
     # optimisation (REFERENCE.md §1)
     steps: int = 25_000
-    batch_size: int = 64
+    batch_size: int = 64              # global batch (all processes together)
     batch_schedule: str = ""          # e.g. "64:2000,256:4000,1024"; overrides batch_size when set
     lr: float = 4e-4
     weight_decay: float = 0.01
@@ -49,9 +54,13 @@ class TrainConfig:
     spec_augment: bool = True
     bucket: bool = True               # length-bucketed batches (less padding, faster steps)
     seed: int = 42
+    # data path
+    data_mode: str = "memory"         # memory: the split in one tensor | stream: wds shards, reader processes
+    workers: int = 2                  # stream: reader processes per training process (0 = in this process)
+    stream_buffer: int = 4096         # stream: utterances length-bucketed together (raised to 4 batches)
     # run
     device: str = "auto"              # auto | cpu | cuda | cuda:N
-    compile: bool = False
+    compile: bool = False             # torch.compile, one graph per 128-frame length bucket
     eval_every: int = 1000
     save_every: int = 1000
     log_every: int = 50
@@ -63,23 +72,52 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self):
+        _check_types(self)
         choices = {"pos_emb": ("none", "sinusoidal", "learned"), "pooling": ("first", "mean", "attention"),
                    "targets": ("image", "text", "image+text"), "preset": tuple(PRESETS),
-                   "best_metric": ("keyword_mAP", "audio_to_image_R@10", "image_to_audio_R@10", "loss")}
+                   "best_metric": BEST_METRICS, "data_mode": DATA_MODES}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} = {getattr(self, name)!r}: use one of {', '.join(allowed)}")
-        for name in ("steps", "batch_size", "layers", "heads", "width", "ff_dim", "max_frames", "eval_every",
-                     "save_every", "log_every", "eval_batch_size"):
+        for name in ("steps", "layers", "heads", "width", "ff_dim", "max_frames", "eval_every", "save_every",
+                     "log_every", "eval_batch_size", "stream_buffer"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} = {getattr(self, name)}: must be at least 1")
-        if self.lr <= 0 or self.warmup < 0 or self.weight_decay < 0 or self.grad_clip < 0:
-            raise ValueError("lr must be positive; warmup, weight_decay and grad_clip 0 or more")
+        if self.batch_size < 2:
+            raise ValueError(f"batch_size = {self.batch_size}: must be at least 2 (a batch of one has no "
+                             "negatives)")
+        for name in ("warmup", "stop_after", "threads", "workers"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} = {getattr(self, name)}: must be 0 or more")
+        if self.lr <= 0 or self.weight_decay < 0 or self.grad_clip < 0:
+            raise ValueError("lr must be positive; weight_decay and grad_clip 0 or more")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout = {self.dropout}: must be in [0, 1)")
         if self.width % self.heads:
             raise ValueError(f"width {self.width} is not divisible by heads {self.heads}")
+        if self.batch_schedule:
+            if any(size < 2 for _, size in parse_batch_schedule(self.batch_schedule)):
+                raise ValueError(f"batch_schedule {self.batch_schedule!r}: every batch size must be at "
+                                 "least 2")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def batch_sizes(self) -> list[tuple[int, int]]:
+        """(first step, global batch size) pairs: the schedule, or the constant batch_size."""
+        return parse_batch_schedule(self.batch_schedule or str(self.batch_size))
+
+
+def _check_types(cfg: TrainConfig) -> None:
+    """A TOML file or a caller can give "100" for 100: say which setting, instead of failing later."""
+    for f in dataclasses.fields(cfg):
+        value, kind = getattr(cfg, f.name), type(f.default)
+        ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            object.__setattr__(cfg, f.name, float(value))   # lr = 1 in TOML means 1.0
+            ok = True
+        if not ok:
+            raise ValueError(f"{f.name} = {value!r}: expected {kind.__name__}, got {type(value).__name__}")
 
 
 # Named presets: `seed` is the note's exact set-up (for real corpora); `demo` fits the demo's 2-core budget:
@@ -99,6 +137,7 @@ FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
 
 
 def load_toml(path: str | Path) -> dict:
+    """The settings of a flat TOML file (keys are TrainConfig fields; dashes allowed for underscores)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: config file not found")
@@ -108,6 +147,10 @@ def load_toml(path: str | Path) -> dict:
     except tomllib.TOMLDecodeError as e:
         raise ValueError(f"{path}: not valid TOML ({e})") from None
     data = {k.replace("-", "_"): v for k, v in data.items()}
+    tables = sorted(k for k, v in data.items() if isinstance(v, dict))
+    if tables:
+        raise ValueError(f"{path}: sections [{', '.join(tables)}] are not supported; write the settings "
+                         "at the top level, e.g. steps = 5000")
     unknown = sorted(set(data) - FIELDS)
     if unknown:
         raise ValueError(f"{path}: unknown settings {', '.join(unknown)}; known: {', '.join(sorted(FIELDS))}")
@@ -119,7 +162,7 @@ def resolve_config(preset: str | None = None, toml: str | Path | None = None, **
     file = load_toml(toml) if toml else {}
     name = preset or file.get("preset") or "seed"
     if name not in PRESETS:
-        raise ValueError(f"--preset {name!r}: use one of {', '.join(PRESETS)}")
+        raise ValueError(f"preset {name!r}: use one of {', '.join(PRESETS)}")
     merged = {**PRESETS[name], **file, **{k: v for k, v in options.items() if v is not None}, "preset": name}
     unknown = sorted(set(merged) - FIELDS)
     if unknown:
@@ -129,4 +172,3 @@ def resolve_config(preset: str | None = None, toml: str | Path | None = None, **
 
 def with_overrides(cfg: TrainConfig, **changes) -> TrainConfig:
     return dataclasses.replace(cfg, **changes)
-

@@ -5,6 +5,8 @@ there is one - so building a batch is a gather, with no per-utterance Python and
 """
 from __future__ import annotations
 
+import functools
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,8 +15,11 @@ import torch
 
 from cache.manifest import read_manifest, read_records
 from cache.store import StoreReader
+from trainer.sampler import LengthBucketBatchSampler, local_slice
+from trainer.schedule import batch_size_at
 
 AUDIO, IMAGES, TEXTS, KEYWORDS = "audio", "images", "texts", "keywords"
+SPEAKER_CMVN = "speaker_cmvn.json"  # written into CACHE/audio by extract-audio (pipeline/extract.py)
 
 
 @dataclass
@@ -44,14 +49,19 @@ class SplitData:
     def embed_dim(self) -> int:
         return self.images.shape[1]
 
-    def batch(self, idx: torch.Tensor, max_frames: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Utterances `idx` [B] -> (features [B, T, dims] float32 zero-padded, lengths [B]); T <= max_frames."""
+    def batch(self, idx: torch.Tensor, max_frames: int,
+              frames: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Utterances `idx` [B] -> (features [B, T, dims] float32 zero-padded, lengths [B]); T <= max_frames.
+
+        `frames`: T when the caller knows it (the trainer does, from lengths on the CPU); otherwise the
+        longest clamped length, which costs a GPU sync.
+        """
         idx = idx.to(self.offsets.device)
         lengths = self.lengths[idx].clamp(max=max_frames)
-        steps = torch.arange(int(lengths.max()), device=idx.device)
+        steps = torch.arange(int(lengths.max()) if frames is None else frames, device=idx.device)
         valid = steps[None, :] < lengths[:, None]
-        rows = (self.offsets[idx][:, None] + steps[None, :]).where(valid, torch.zeros((), dtype=torch.long,
-                                                                                         device=idx.device))
+        zero = torch.zeros((), dtype=torch.long, device=idx.device)
+        rows = (self.offsets[idx][:, None] + steps[None, :]).where(valid, zero)
         feats = self.features[rows].float() * valid[..., None]
         return feats, lengths
 
@@ -77,19 +87,65 @@ def check_cache(cache: Path) -> dict:
     return manifest
 
 
-def load_split(cache: str | Path, split: str, device: str | torch.device = "cpu") -> SplitData:
-    """Loads the utterances of `split` that have features and an image embedding."""
+@functools.lru_cache(maxsize=4)
+def _speaker_stats(path: str, mtime_ns: int) -> tuple[dict, dict]:
+    """{speaker: mean [D]}, {speaker: 1 / (std + eps) [D]} float32; parsed once per file version (streamed
+    batches call apply_speaker_cmvn for every batch)."""
+    stats = json.loads(Path(path).read_text(encoding="utf-8"))
+    mean = {k: np.asarray(v["mean"], np.float32) for k, v in stats["speakers"].items()}
+    scale = {k: np.float32(1.0) / (np.asarray(v["std"], np.float32) + np.float32(stats["eps"]))
+             for k, v in stats["speakers"].items()}
+    return mean, scale
+
+
+def apply_speaker_cmvn(cache: Path, features: np.ndarray, offsets: np.ndarray, speakers: list[str]
+                       ) -> np.ndarray:
+    """Speaker-level mean/variance normalisation (mfcc-kaldi with normalisation=speaker): utterance i, rows
+    offsets[i]:offsets[i+1] of features [total_frames, D], becomes (x - mean) / (std + eps) with the [D]
+    statistics of speakers[i] from CACHE/audio/speaker_cmvn.json. Returns a new float16 array."""
+    path = Path(cache) / AUDIO / SPEAKER_CMVN
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: these features need per-speaker statistics, which "
+                                "extract-audio writes with its index; run it on this cache again "
+                                "(--index-only)")
+    mean, scale = _speaker_stats(str(path), path.stat().st_mtime_ns)
+    missing = sorted(set(speakers) - set(mean))
+    if missing:
+        raise ValueError(f"speakers {missing[:5]} have no statistics in {path}; run extract-audio "
+                         "--index-only on this cache to compute them again")
+    out = np.empty(features.shape, dtype=np.float16)
+    for i, speaker in enumerate(speakers):
+        rows = slice(int(offsets[i]), int(offsets[i + 1]))
+        out[rows] = (features[rows].astype(np.float32) - mean[speaker]) * scale[speaker]
+    return out
+
+
+def load_split(cache: str | Path, split: str, device: str | torch.device = "cpu",
+               features: bool = True) -> SplitData:
+    """Loads the utterances of `split` that have features and an image embedding.
+
+    features=False (--data-mode stream): everything but the audio features, which stay on disk; `features`
+    is then an empty [0, dims] tensor, while `offsets` and `lengths` come from the store's index.
+    """
     cache = Path(cache)
-    check_cache(cache)
+    manifest = check_cache(cache)
     records = [r for r in read_records(cache) if r["split"] == split]
     audio = StoreReader(cache / AUDIO)
     image_row, image_emb = _embeddings(cache, IMAGES)
     text_row, text_emb = _embeddings(cache, TEXTS)
     usable = [r for r in records if r["utt_id"] in audio and r["image_id"] in image_row
               and r["caption_id"] in text_row]
-    feats, offsets, ids = audio.load_all([r["utt_id"] for r in usable]) if usable else \
-        (np.zeros((0, audio.dims), np.float16), np.zeros(1, np.int64), [])
+    if not features:
+        frames = dict(zip(audio.ids, audio.lengths.tolist()))
+        offsets = np.concatenate([[0], np.cumsum([frames[r["utt_id"]] for r in usable], dtype=np.int64)])
+        feats, ids = np.zeros((0, audio.dims), np.float16), [r["utt_id"] for r in usable]
+    elif usable:
+        feats, offsets, ids = audio.load_all([r["utt_id"] for r in usable])
+    else:
+        feats, offsets, ids = np.zeros((0, audio.dims), np.float16), np.zeros(1, np.int64), []
     audio.close()
+    if features and manifest["audio"]["features"].get("normalisation") == "speaker":
+        feats = apply_speaker_cmvn(cache, feats, offsets, [r["speaker"] for r in usable])
 
     image_ids = list(dict.fromkeys(r["image_id"] for r in usable))
     local = {k: i for i, k in enumerate(image_ids)}
@@ -102,19 +158,88 @@ def load_split(cache: str | Path, split: str, device: str | torch.device = "cpu"
         offsets=offsets_t.to(**to), lengths=(offsets_t[1:] - offsets_t[:-1]).to(**to),
         image_index=torch.tensor([local[r["image_id"]] for r in usable], dtype=torch.long).to(**to),
         image_ids=image_ids,
-        images=torch.from_numpy(image_emb[[image_row[k] for k in image_ids]].reshape(-1, image_emb.shape[1])).to(**to),
-        texts=torch.from_numpy(text_emb[[text_row[r["caption_id"]] for r in usable]].reshape(-1, text_emb.shape[1]))
+        images=torch.from_numpy(image_emb[[image_row[k] for k in image_ids]].reshape(-1, image_emb.shape[1]))
         .to(**to),
+        texts=torch.from_numpy(text_emb[[text_row[r["caption_id"]] for r in usable]]
+                               .reshape(-1, text_emb.shape[1])).to(**to),
         skipped=len(records) - len(usable))
 
 
-def load_keywords(cache: str | Path, device: str | torch.device = "cpu") -> tuple[list[str], torch.Tensor, dict]:
+def load_keywords(cache: str | Path, device: str | torch.device = "cpu"
+                  ) -> tuple[list[str], torch.Tensor, dict]:
     """(words, prompt embeddings [K, E] float32, store attrs) from CACHE/keywords."""
     store = Path(cache) / KEYWORDS
     if not store.is_dir():
-        raise FileNotFoundError(f"{store}: no keyword embeddings; run `clipspeech embed-images` on this cache")
+        raise FileNotFoundError(f"{store}: no keyword embeddings; run `clipspeech embed-images` on this "
+                                "cache")
     reader = StoreReader(store)
     array, _, words = reader.load_all()
     attrs = reader.attrs
     reader.close()
     return list(words), torch.from_numpy(array.astype(np.float32)).to(device), attrs
+
+
+# ----------------------------------------------------------------------------------------------------
+# Batches for the training loop (--data-mode memory; trainer/stream.py makes the same Batch from shards)
+
+COMPILE_BUCKET = 128  # frames: with --compile, T is rounded up to a multiple, so few shapes get compiled
+
+
+@dataclass
+class Batch:
+    """One training step's local batch, on the training device."""
+    feats: torch.Tensor       # [B, T, dims] float32, zero-padded
+    lengths: torch.Tensor     # [B] int64 frames (clamped to max_frames)
+    images: torch.Tensor      # [B, E] float32 CLIP embedding of each utterance's image
+    texts: torch.Tensor       # [B, E] float32 CLIP embedding of each utterance's written caption
+    size: int                 # global batch size (all processes), for utterances/s
+
+
+def padded_frames(longest: int, max_frames: int, multiple: int = 1) -> int:
+    """T of a batch whose longest utterance has `longest` frames: clamped to max_frames, then rounded up
+    to `multiple` (and clamped again: the encoder cuts at max_frames anyway)."""
+    frames = min(int(longest), max_frames)
+    return min(-(-frames // multiple) * multiple, max_frames)
+
+
+class MemoryBatches:
+    """--data-mode memory: global batches from LengthBucketBatchSampler, this rank's share gathered from
+    the split's features on the device. Per step: a numpy slice, one small host-to-device copy of the
+    indices (pinned, asynchronous on CUDA) and gathers on the device; no sync, no per-utterance Python."""
+
+    def __init__(self, data: SplitData, schedule: list[tuple[int, int]], seed: int, rank: int = 0,
+                 world: int = 1, max_frames: int = 2048, bucket: bool = True,
+                 one_caption_per_image: bool = True, frame_multiple: int = 1):
+        self.data, self.schedule, self.rank, self.world = data, schedule, rank, world
+        self.max_frames, self.frame_multiple = max_frames, frame_multiple
+        self.lengths = data.lengths.cpu().numpy()   # T of each batch without asking the GPU
+        image_ids = [data.image_ids[i] for i in data.image_index.tolist()]
+        # unbucketed = equal lengths, so the jittered sort is a plain shuffle
+        self.sampler = LengthBucketBatchSampler(self.lengths if bucket else np.ones(len(data)), image_ids,
+                                                seed, one_caption_per_image=one_caption_per_image)
+        self.pin = data.features.device.type == "cuda"
+
+    def next(self, step: int) -> Batch:
+        """The local batch of optimiser step `step` (0-based)."""
+        batch = self.sampler.next_batch(batch_size_at(step, self.schedule))
+        local = local_slice(batch, self.rank, self.world)
+        frames = padded_frames(self.lengths[local].max(), self.max_frames, self.frame_multiple)
+        idx = torch.from_numpy(local)
+        if self.pin:
+            idx = idx.pin_memory()
+        idx = idx.to(self.data.features.device, non_blocking=True)
+        feats, lengths = self.data.batch(idx, self.max_frames, frames)
+        return Batch(feats, lengths, self.data.images[self.data.image_index[idx]], self.data.texts[idx],
+                     len(batch))
+
+    def state_dict(self) -> dict:
+        return {"mode": "memory", "sampler": self.sampler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("mode") != "memory":
+            raise ValueError(f"the checkpoint was written with --data-mode {state.get('mode')}; resume it "
+                             "with the same data mode")
+        self.sampler.load_state_dict(state["sampler"])
+
+    def close(self) -> None:
+        pass

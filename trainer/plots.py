@@ -1,7 +1,8 @@
-"""The training curves as a PNG: loss (and temperature) against step, and the dev metrics against step."""
+"""The training curves as a PNG: the loss (with its chance level ln B) and the dev metrics against step."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 
@@ -26,6 +27,10 @@ def plot_curves(log: str | Path, png: str | Path) -> Path | None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     ax = axes[0]
     ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss")
+    if train and all("batch_size" in r for r in train):
+        # the loss of a random encoder: a drop below it is learning (steps with a batch schedule)
+        ax.plot([r["step"] for r in train], [math.log(r["batch_size"]) for r in train], "--", color="grey",
+                label="chance: ln(batch size)")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_title("training loss")

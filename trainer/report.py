@@ -166,7 +166,8 @@ def _summary_section(results: dict, emb: dict, relevance: np.ndarray | None) -> 
         chance_of |= {"mAP": kw_chance, "micro_AP": micro_chance, "P@10": kw_chance, "P@N": kw_chance}
     rows = [f'<tr><td>{label}</td><td>{_num(kws.get(key))}</td><td class="chance">{_num(chance_of[key])}</td>'
             f"</tr>" for key, label in KEYWORD_ROWS]
-    parts.append(f'<table><tr><th>keyword spotting ({kws.get("n_keywords", "?")} keywords)</th><th>%</th>'
+    n_keywords = kws.get("n_keywords", results.get("counts", {}).get("keywords", "?"))
+    parts.append(f'<table><tr><th>keyword spotting ({n_keywords} keywords)</th><th>%</th>'
                  f'<th class="chance">chance</th></tr>{"".join(rows)}</table>'
                  "<p class=\"counts\">Means over keywords that occur at least once; chance of AP is the "
                  "mean keyword frequency (approximately); EER: lower is better.</p>")

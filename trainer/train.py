@@ -1,7 +1,8 @@
 """The training loop: features -> encoder -> normalise -> logits against the batch's images -> loss.
 
 Reads only the cache. One process per GPU under torchrun (DistributedDataParallel, embeddings gathered so
-the loss sees the global batch); a plain `python cli.py train` is one process on one device.
+the loss sees the global batch); a plain `python cli.py train` is one process on one device. `fit_step` is
+the one optimisation step and `advance` the one loop body, used by `train` and by the throughput benchmark.
 """
 from __future__ import annotations
 
@@ -9,9 +10,9 @@ import json
 import math
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import distributed as dist
 
@@ -19,15 +20,14 @@ from cache.manifest import atomic_write_json, atomic_write_text, read_manifest
 from trainer.augment import spec_augment
 from trainer.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from trainer.config import ENCODER_FIELDS, TrainConfig
-from trainer.data import load_keywords, load_split
+from trainer.data import COMPILE_BUCKET, Batch, MemoryBatches, load_keywords, load_split
 from trainer.distributed import world_info
 from trainer.evaluate import dev_metrics
 from trainer.loss import ImagesAsClassesLoss
 from trainer.model import CnnTransformer, EncoderConfig
 from trainer.plots import plot_curves
 from trainer.precision import autocast, pick_device
-from trainer.sampler import LengthBucketBatchSampler, local_slice
-from trainer.schedule import batch_size_at, lr_at, parse_batch_schedule
+from trainer.schedule import lr_at
 
 
 def encoder_config(cfg: TrainConfig, input_dim: int, out_dim: int) -> EncoderConfig:
@@ -43,13 +43,124 @@ def param_groups(model: torch.nn.Module, loss_fn: torch.nn.Module, weight_decay:
             {"params": no_decay + list(loss_fn.parameters()), "weight_decay": 0.0}]
 
 
+@dataclass
+class Run:
+    """Everything one training process steps: built by `build_run`, advanced by `advance`."""
+    cfg: TrainConfig
+    device: torch.device
+    rank: int
+    world: int
+    encoder: EncoderConfig
+    model: CnnTransformer             # the plain module (eval, checkpoints)
+    forward: torch.nn.Module          # what the step calls: the model, or its DDP / compiled wrapper
+    loss_fn: ImagesAsClassesLoss
+    optimizer: torch.optim.Optimizer
+    source: object                    # MemoryBatches or stream.StreamBatches: next(step) -> Batch
+    generator: torch.Generator        # SpecAugment's draws, on the device
+    step: int = 0                     # optimiser steps done
+
+
+def build_run(cfg: TrainConfig, rank: int = 0, world: int = 1, device: torch.device | None = None) -> Run:
+    """Loads the train split (memory mode: all of it onto `device`) and builds model, loss and optimiser."""
+    device = device or pick_device(cfg.device)
+    schedule = cfg.batch_sizes()
+    for _, size in schedule:
+        if size % world:
+            raise ValueError(f"batch size {size} is not divisible by the {world} processes: choose batch "
+                             f"sizes that are multiples of {world}")
+    stream = cfg.data_mode == "stream"
+    data = load_split(cfg.cache, "train", device, features=not stream)
+    if len(data) < 2:
+        raise ValueError(f"{cfg.cache}: {len(data)} usable training utterances; the loss needs a batch of at "
+                         "least 2")
+    multiple = COMPILE_BUCKET if cfg.compile else 1
+    if stream:
+        from trainer.stream import StreamBatches
+        source = StreamBatches(data, cfg.cache, schedule, cfg.seed, rank, world, cfg.workers,
+                               cfg.stream_buffer, cfg.max_frames, device, multiple, cfg.one_caption_per_image,
+                               cfg.bucket)
+    else:
+        source = MemoryBatches(data, schedule, cfg.seed, rank, world, cfg.max_frames, cfg.bucket,
+                               cfg.one_caption_per_image, multiple)
+
+    torch.manual_seed(cfg.seed)      # the same initial weights in every process
+    enc = encoder_config(cfg, data.dims, data.embed_dim)
+    model = CnnTransformer(enc).to(device)
+    torch.manual_seed(cfg.seed + rank)   # dropout masks of their own in each process
+    loss_fn = ImagesAsClassesLoss(targets=cfg.targets, symmetric=cfg.symmetric).to(device)
+    optimizer = torch.optim.AdamW(param_groups(model, loss_fn, cfg.weight_decay), lr=cfg.lr,
+                                  fused=device.type == "cuda")
+    forward: torch.nn.Module = model
+    if world > 1:
+        forward = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.compile:
+        # one static graph per (batch size, 128-frame bucket): dynamic shapes failed at 1,024 frames
+        # (REFERENCE.md §6); allow every bucket of every scheduled batch size
+        limit = len(schedule) * (cfg.max_frames // COMPILE_BUCKET + 1) + 8
+        config = torch._dynamo.config
+        for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit",
+                     "accumulated_cache_size_limit"):
+            if hasattr(config, name):
+                setattr(config, name, max(getattr(config, name), limit))
+        forward = torch.compile(forward, dynamic=False)
+    generator = torch.Generator(device=device).manual_seed(cfg.seed + rank)
+    return Run(cfg, device, rank, world, enc, model, forward, loss_fn, optimizer, source, generator)
+
+
+def fit_step(run: Run, batch: Batch) -> torch.Tensor:
+    """One optimisation step on `batch`; returns the loss (detached, on the device: no sync)."""
+    feats = batch.feats
+    if run.cfg.spec_augment:
+        feats = spec_augment(feats, batch.lengths, run.generator)
+    with autocast(run.device):
+        audio = run.forward(feats, batch.lengths)
+    losses = run.loss_fn(audio, batch.images, batch.texts)   # normalised, logits and loss in fp32
+    run.optimizer.zero_grad(set_to_none=True)
+    losses["loss"].backward()
+    if run.cfg.grad_clip:
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.cfg.grad_clip)
+    run.optimizer.step()
+    run.loss_fn.clamp_()
+    return losses["loss"].detach()
+
+
+def advance(run: Run) -> tuple[torch.Tensor, int]:
+    """The loop body: learning rate of the step, next batch, `fit_step`. -> (loss on the device, global
+    batch size)."""
+    cfg = run.cfg
+    lr = lr_at(run.step + 1, cfg.lr, min(cfg.warmup, cfg.steps), cfg.steps)   # step 0 at lr 0 is wasted
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    batch = run.source.next(run.step)
+    loss = fit_step(run, batch)
+    run.step += 1
+    return loss, batch.size
+
+
+# ----------------------------------------------------------------------------------------------------
+# Processes, logs, checkpoints
+
+
 def _init_distributed() -> tuple[int, int, int]:
     """(rank, world_size, local_rank); initialises the process group when launched by torchrun."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if world > 1 and not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(local_rank)
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     rank, world = world_info()
-    return rank, world, int(os.environ.get("LOCAL_RANK", "0"))
+    return rank, world, local_rank
+
+
+def _per_rank(obj, world: int) -> list:
+    """Every rank's `obj` (on every rank): the checkpoint keeps each process's RNG and stream state."""
+    if world == 1:
+        return [obj]
+    gathered = [None] * world
+    dist.all_gather_object(gathered, obj)
+    return gathered
 
 
 def _log(path: Path, record: dict, tb=None) -> None:
@@ -76,8 +187,41 @@ def _tensorboard(out: Path):
     return SummaryWriter(str(out / "tensorboard"))
 
 
+def _restore(run: Run, state: dict, last: Path) -> dict:
+    """Loads a checkpoint's states into `run`; returns its `best` record."""
+    if state["encoder"] != run.encoder.to_dict():
+        raise ValueError(f"{last}: its model settings differ from this run's; resume with the same settings")
+    if state["config"].get("data_mode", "memory") != run.cfg.data_mode:
+        raise ValueError(f"{last} was trained with --data-mode {state['config'].get('data_mode')}; resume "
+                         "with the same data mode")
+    run.model.load_state_dict(state["model"])
+    run.loss_fn.load_state_dict(state["loss"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.step = state["step"]
+    ranks = state["ranks"]
+    mine = ranks[run.rank] if len(ranks) == run.world else None
+    if run.cfg.data_mode == "memory":
+        run.source.load_state_dict(ranks[0]["data"])    # one global sampler, the same in every process
+        exact = mine is not None
+    else:
+        exact = mine is not None and run.source.load_state_dict(mine["data"], run.step)
+        if mine is None:
+            run.source.load_state_dict({**ranks[0]["data"], "world": -1}, run.step)
+    if mine is not None:
+        set_rng_state(mine["rng"], run.generator)
+    else:   # another number of processes: fresh random streams, seeded by the step
+        torch.manual_seed(run.cfg.seed + run.rank + 7919 * run.step)
+        run.generator.manual_seed(run.cfg.seed + run.rank + 7919 * run.step)
+    if not exact and run.rank == 0:
+        fresh = "random draws (dropout, SpecAugment)" if run.cfg.data_mode == "memory" else \
+            "random draws and the stream's order"
+        print(f"--resume: {last} was written by {len(ranks)} process(es) (or other stream readers): model, "
+              f"optimiser and schedule continue exactly, the {fresh} start afresh")
+    return state["best"]
+
+
 def train(cfg: TrainConfig) -> dict:
-    """Trains until cfg.steps (or cfg.stop_after more steps); returns the last dev metrics."""
+    """Trains until cfg.steps (or cfg.stop_after more steps); returns {"step", "best", "dev"}."""
     from tqdm import tqdm
     rank, world, local_rank = _init_distributed()
     main = rank == 0
@@ -87,51 +231,26 @@ def train(cfg: TrainConfig) -> dict:
     out, cache = Path(cfg.out), Path(cfg.cache)
     last = out / "last.pt"
     if last.exists() and not cfg.resume:
-        raise ValueError(f"{out} already holds a run (last.pt): pass --resume to continue it, or another --out")
-    if cfg.batch_size % world and not cfg.batch_schedule:
-        raise ValueError(f"--batch-size {cfg.batch_size} is not divisible by the {world} processes")
+        raise ValueError(f"{out} already holds a run (last.pt): pass --resume to continue it, or choose "
+                         "another --out")
 
-    # ---- data: everything the loop touches, loaded once onto the device
+    # ---- data, model, optimiser; the dev split and keyword prompts for validation
     manifest = read_manifest(cache)
-    data = load_split(cache, "train", device)
-    if len(data) < 2:
-        raise ValueError(f"{cache}: {len(data)} usable training utterances; the loss needs a batch of at least 2")
-    dev = load_split(cache, "dev", device) if cfg.eval_every else None
+    run = build_run(cfg, rank, world, device)
+    dev = load_split(cache, "dev", device) if main else None
     dev = dev if dev is not None and len(dev) > 1 else None
     try:
         keywords = load_keywords(cache, device)
     except FileNotFoundError:
         keywords = None
-
-    # ---- model, loss, optimiser, sampler
-    torch.manual_seed(cfg.seed)
-    enc = encoder_config(cfg, data.dims, data.embed_dim)
-    model = CnnTransformer(enc).to(device)
-    loss_fn = ImagesAsClassesLoss(targets=cfg.targets, symmetric=cfg.symmetric).to(device)
-    optimizer = torch.optim.AdamW(param_groups(model, loss_fn, cfg.weight_decay), lr=cfg.lr,
-                                  fused=device.type == "cuda")
-    # unbucketed = equal lengths, so the jittered sort is a plain shuffle
-    lengths = data.lengths.cpu().numpy() if cfg.bucket else np.ones(len(data))
-    sampler = LengthBucketBatchSampler(lengths, [data.image_ids[i] for i in data.image_index.tolist()], cfg.seed,
-                                       one_caption_per_image=cfg.one_caption_per_image)
-    schedule = parse_batch_schedule(cfg.batch_schedule or str(cfg.batch_size))
-    generator = torch.Generator(device=device).manual_seed(cfg.seed + rank)
-    forward = torch.compile(model, dynamic=True) if cfg.compile else model
-    if world > 1:
-        forward = torch.nn.parallel.DistributedDataParallel(
-            forward, device_ids=[device.index] if device.type == "cuda" else None)
-
-    step, best = 0, {"metric": cfg.best_metric, "value": None, "step": None}
+    metric = cfg.best_metric
+    if metric == "keyword_mAP" and keywords is None:
+        metric = "audio_to_image_R@10"   # no keyword prompts in this cache: the next best default
+    best = {"metric": metric, "value": None, "step": None}
+    window = {"loss": 0.0, "n": 0}        # the log window's losses so far (a resumed run continues it)
     if cfg.resume and last.exists():
         state = load_checkpoint(last, map_location=device)
-        if state["encoder"] != enc.to_dict():
-            raise ValueError(f"{last}: its model settings differ from this run's; resume with the same settings")
-        model.load_state_dict(state["model"])
-        loss_fn.load_state_dict(state["loss"])
-        optimizer.load_state_dict(state["optimizer"])
-        sampler.load_state_dict(state["sampler"])
-        set_rng_state(state["rng"], generator)
-        step, best = state["step"], state["best"]
+        best, window = _restore(run, state, last), state.get("window", window)
     elif cfg.resume and main:
         print(f"--resume: no {last} yet, starting a fresh run")
 
@@ -139,86 +258,82 @@ def train(cfg: TrainConfig) -> dict:
     if main:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(out / "config.json", cfg.to_dict())
-        if step:
-            _truncate_log(log_path, step)
+        if run.step:
+            _truncate_log(log_path, run.step)
         elif log_path.exists():
             log_path.unlink()
     tb = _tensorboard(out) if main else None
     identity = {"features": manifest.get("audio", {}).get("features"), "clip": manifest.get("clip")}
 
-    def checkpoint(path: Path) -> None:
-        save_checkpoint(path, {"model": model.state_dict(), "encoder": enc.to_dict(), "config": cfg.to_dict(),
-                               "loss": loss_fn.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                               "sampler": sampler.state_dict(), "rng": rng_state(generator), "best": best,
-                               "cache": identity})
+    def checkpoint(path: Path, window_loss: float, window_n: int) -> None:
+        ranks = _per_rank({"rng": rng_state(run.generator), "data": run.source.state_dict()}, world)
+        if main:
+            save_checkpoint(path, {
+                "model": run.model.state_dict(), "encoder": run.encoder.to_dict(), "config": cfg.to_dict(),
+                "loss": run.loss_fn.state_dict(), "optimizer": run.optimizer.state_dict(), "step": run.step,
+                "ranks": ranks, "best": best, "window": {"loss": window_loss, "n": window_n},
+                "cache": identity})
 
     # ---- the loop
-    end = cfg.steps if not cfg.stop_after else min(cfg.steps, step + cfg.stop_after)
-    bar = tqdm(total=cfg.steps, initial=step, unit="step", desc="train", disable=not (main and cfg.progress))
-    window_loss, window_n, window_utt, window_t = 0.0, 0, 0, time.perf_counter()
+    end = cfg.steps if not cfg.stop_after else min(cfg.steps, run.step + cfg.stop_after)
+    bar = tqdm(total=cfg.steps, initial=run.step, unit="step", desc="train",
+               disable=not (main and cfg.progress))
+    window_loss = torch.tensor(window["loss"], dtype=torch.float32, device=device)  # summed on the device
+    window_n, window_utt, window_t, paused = window["n"], 0, time.perf_counter(), 0.0
     last_eval: dict = {}
-    model.train()
-    while step < end:
-        lr = lr_at(step + 1, cfg.lr, min(cfg.warmup, cfg.steps), cfg.steps)   # step 0 at lr 0 is wasted
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        batch = sampler.next_batch(batch_size_at(step, schedule))
-        idx = torch.from_numpy(local_slice(batch, rank, world)).to(device)
-        feats, lens = data.batch(idx, cfg.max_frames)
-        if cfg.spec_augment:
-            feats = spec_augment(feats, lens, generator)
-        with autocast(device):
-            audio = forward(feats, lens)
-        losses = loss_fn(audio, data.images[data.image_index[idx]], data.texts[idx])
-        optimizer.zero_grad(set_to_none=True)
-        losses["loss"].backward()
-        if cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        loss_fn.clamp_()
-        step += 1
-        window_loss += losses["loss"].detach()   # summed on the device: no sync per step
-        window_n += 1
-        window_utt += len(batch)
+    run.model.train()
+    try:
+        while run.step < end:
+            loss, size = advance(run)
+            step = run.step
+            window_loss += loss
+            window_n, window_utt = window_n + 1, window_utt + size
 
-        if main and (step % cfg.log_every == 0 or step == 1 or step == end):
-            seconds = time.perf_counter() - window_t
-            record = {"step": step, "loss": float(window_loss) / window_n, "lr": lr,
-                      "temperature": float(loss_fn.logit_scale.exp()), "batch_size": len(batch),
-                      "utt_per_s": window_utt / seconds}
-            _log(log_path, record, tb)
-            bar.set_postfix(loss=f"{record['loss']:.3f}", t=f"{record['temperature']:.1f}",
-                            utt_s=f"{record['utt_per_s']:.0f}")
-            window_loss, window_n, window_utt, window_t = 0.0, 0, 0, time.perf_counter()
-        bar.update(1)
+            if main and (step % cfg.log_every == 0 or step == 1 or step == cfg.steps):
+                seconds = time.perf_counter() - window_t - paused
+                record = {"step": step, "loss": float(window_loss) / window_n,
+                          "lr": run.optimizer.param_groups[0]["lr"],
+                          "temperature": float(run.loss_fn.logit_scale.detach().exp()), "batch_size": size,
+                          "utt_per_s": window_utt / seconds}
+                _log(log_path, record, tb)
+                bar.set_postfix(loss=f"{record['loss']:.3f}", t=f"{record['temperature']:.1f}",
+                                utt_s=f"{record['utt_per_s']:.0f}")
+                window_loss.zero_()
+                window_n, window_utt, window_t, paused = 0, 0, time.perf_counter(), 0.0
+            bar.update(1)
 
-        if dev is not None and (step % cfg.eval_every == 0 or step == cfg.steps):
-            if main:
-                last_eval = dev_metrics(model, dev, keywords, cfg.eval_batch_size, cfg.max_frames)
-                _log(log_path, {"step": step, **{f"dev/{k}": v for k, v in last_eval.items()}}, tb)
-                value = _metric(last_eval, cfg.best_metric, record_loss=float(losses["loss"]))
-                if best["value"] is None or value > best["value"]:
-                    best = {"metric": cfg.best_metric, "value": value, "step": step}
-                    checkpoint(out / "best.pt")
-            if world > 1:
-                dist.barrier()
-        if main and (step % cfg.save_every == 0 or step == end):
-            checkpoint(last)
-    bar.close()
+            pause = time.perf_counter()   # validation and checkpoints do not count in utterances/s
+            if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
+                if dev is not None:
+                    last_eval = dev_metrics(run.model, dev, keywords, cfg.eval_batch_size, cfg.max_frames)
+                    _log(log_path, {"step": step, **{f"dev/{k}": v for k, v in last_eval.items()}}, tb)
+                    value = _metric(last_eval, metric, train_loss=float(loss))
+                    if best["value"] is None or value > best["value"]:
+                        best = {"metric": metric, "value": value, "step": step}
+                        save_checkpoint(out / "best.pt", {
+                            "model": run.model.state_dict(), "encoder": run.encoder.to_dict(),
+                            "config": cfg.to_dict(), "step": step, "best": best, "cache": identity})
+                if world > 1:
+                    dist.barrier()
+            if step % cfg.save_every == 0 or step == end:
+                checkpoint(last, float(window_loss), window_n)
+            paused += time.perf_counter() - pause
+    finally:
+        bar.close()
+        run.source.close()
     if main:
-        if dev is None and not (out / "best.pt").exists():
-            checkpoint(out / "best.pt")   # nothing to choose by: the last weights are the best we know
+        if dev is None or not (out / "best.pt").exists():
+            # nothing to choose by (yet): the last weights are the best we know
+            save_checkpoint(out / "best.pt", {
+                "model": run.model.state_dict(), "encoder": run.encoder.to_dict(), "config": cfg.to_dict(),
+                "step": run.step, "best": best, "cache": identity})
         plot_curves(log_path, out / "curves.png")
     if tb is not None:
         tb.close()
-    return {"step": step, "best": best, "dev": last_eval}
+    return {"step": run.step, "best": best, "dev": last_eval}
 
 
-def _metric(results: dict, name: str, record_loss: float) -> float:
-    """Larger is better for every selectable metric (the loss is negated)."""
-    if name == "loss":
-        return -record_loss
-    if name == "keyword_mAP" and "keyword_mAP" not in results:
-        name = "audio_to_image_R@10"
-    value = results[name]
+def _metric(results: dict, name: str, train_loss: float) -> float:
+    """Larger is better for every selectable metric (the training loss is negated)."""
+    value = -train_loss if name == "loss" else results[name]
     return value if math.isfinite(value) else float("-inf")

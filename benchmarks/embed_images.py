@@ -1,0 +1,183 @@
+#!/usr/bin/env python
+"""Speed of embed-images (files -> cache) beside the model-only ceiling and a naive loop, Flickr-like JPEGs.
+
+    python benchmarks/embed_images.py --images 20000 --device cuda --batch-size 256 --workers 16 --gpu-decode
+
+The JPEGs (500x375, about 70 KB, like Flickr8k's) are made once under --out and reused. The model is
+ViT-B-32 with random weights (the speed is the same as with trained ones); nothing is downloaded.
+Figures: end to end = images / seconds of the stage's image phase (decode, preprocess, encode, write);
+ceiling = random tensors through encode_image at the same batch size; naive = PIL decode + preprocess +
+encode_image one image at a time.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import logging
+import multiprocessing
+import os
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import numpy as np  # noqa: E402
+import soundfile as sf  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from pipeline.embed import EmbedConfig, embed_images, load_teacher  # noqa: E402
+from pipeline.images import autocast  # noqa: E402
+
+WIDTH, HEIGHT, QUALITY = 500, 375, 85    # quality 85 gives about 70 KB for these pictures
+WORDS = "a dog man woman child runs jumps on the grass beach street in red blue shirt water ball".split()
+
+
+def photo(rng: np.random.Generator) -> Image.Image:
+    """Smooth random colour regions plus fine grain: JPEG sizes and decode costs like real photos."""
+    coarse = (rng.random((HEIGHT // 24 + 2, WIDTH // 24 + 2, 3)) * 255).astype(np.uint8)
+    base = np.asarray(Image.fromarray(coarse).resize((WIDTH, HEIGHT), Image.BICUBIC)).astype(np.float32)
+    grain = (rng.normal(0, 40, (HEIGHT // 2, WIDTH // 2)) + 128).clip(0, 255).astype(np.uint8)
+    grain = np.asarray(Image.fromarray(grain).resize((WIDTH, HEIGHT), Image.BILINEAR), np.float32) - 128
+    return Image.fromarray((base + grain[..., None]).clip(0, 255).astype(np.uint8))
+
+
+def write_photo(task: tuple[Path, int]) -> str:
+    """Image i (seeded by i, so the files do not depend on the number of processes) -> its caption."""
+    folder, i = task
+    rng = np.random.default_rng(i)
+    photo(rng).save(folder / f"{i:06d}.jpg", quality=QUALITY)
+    return " ".join(rng.choice(WORDS, size=8))
+
+
+def make_corpus(out: Path, images: int, processes: int) -> Path:
+    """A JSONL corpus of `images` JPEGs, one caption each (all sharing one short WAV); reused when there."""
+    root = out / f"corpus-{images}"
+    manifest = root / "corpus.jsonl"
+    if manifest.is_file():
+        return manifest
+    print(f"writing {images} JPEGs ({WIDTH}x{HEIGHT}, quality {QUALITY}) to {root} ...", flush=True)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    sf.write(root / "silence.wav", np.zeros(1600, np.float32), 16000)
+    with multiprocessing.get_context("spawn").Pool(max(1, processes)) as pool:
+        captions = pool.map(write_photo, [(root / "images", i) for i in range(images)], chunksize=64)
+    lines = [json.dumps({"id": f"u{i:06d}", "audio": "silence.wav", "image": f"images/{i:06d}.jpg",
+                         "caption": caption, "split": "train"}) for i, caption in enumerate(captions)]
+    manifest.with_suffix(".tmp").write_text("\n".join(lines) + "\n")
+    manifest.with_suffix(".tmp").rename(manifest)
+    return manifest
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def model_ceiling(model, device: str, batch_size: int, batches: int) -> float:
+    """img/s of encode_image on random [B, 3, 224, 224] tensors already on the device (after one warm-up)."""
+    x = torch.randn(batch_size, 3, 224, 224, device=device)
+    with torch.inference_mode(), autocast(device):
+        model.encode_image(x)
+        sync(device)
+        started = time.perf_counter()
+        for _ in range(batches):
+            model.encode_image(x)
+        sync(device)
+    return batches * batch_size / (time.perf_counter() - started)
+
+
+def naive_loop(model, preprocess, paths: list[Path], device: str) -> float:
+    """img/s of the obvious loop: open, preprocess, encode one image, normalise, back to the host."""
+    started = time.perf_counter()
+    with torch.inference_mode(), autocast(device):
+        for path in paths:
+            x = preprocess(Image.open(path))[None].to(device)
+            emb = model.encode_image(x).float()
+            (emb / emb.norm(dim=-1, keepdim=True)).cpu()
+    return len(paths) / (time.perf_counter() - started)
+
+
+def end_to_end(manifest: Path, cache: Path, args, gpu_decode: bool) -> dict:
+    shutil.rmtree(cache, ignore_errors=True)
+    started = time.perf_counter()
+    summary = embed_images(EmbedConfig(data=manifest, cache=cache, model=args.model, pretrained=None,
+                                       device=args.device, batch_size=args.batch_size, workers=args.workers,
+                                       gpu_decode=gpu_decode, progress=not args.quiet))
+    total = time.perf_counter() - started
+    return {"img_per_s": summary.images_embedded / summary.seconds_images,
+            "image_phase_s": summary.seconds_images, "total_s": total, "embedded": summary.images_embedded,
+            "failed": summary.images_failed}
+
+
+def machine(device: str) -> str:
+    cpu = f"{len(os.sched_getaffinity(0))} cores" if hasattr(os, "sched_getaffinity") else "?"
+    gpu = torch.cuda.get_device_name(device) if device.startswith("cuda") else "no GPU"
+    return f"{platform.node()}: {cpu}, {gpu}, Python {platform.python_version()}, torch {torch.__version__}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=3000, help="JPEGs to make and embed [3000]")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda [cpu]")
+    parser.add_argument("--batch-size", type=int, default=256, help="[256]")
+    parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)),
+                        help="decoding processes of the stage [all cores]")
+    parser.add_argument("--gpu-decode", action="store_true",
+                        help="also run the stage with --gpu-decode (torchvision.io; on cpu: libjpeg-turbo)")
+    parser.add_argument("--model", default="ViT-B-32", help="open_clip model, random weights [ViT-B-32]")
+    parser.add_argument("--naive-images", type=int, default=None,
+                        help="images for the naive loop [min(--images, 200)]")
+    parser.add_argument("--ceiling-batches", type=int, default=3, help="timed batches for the ceiling [3]")
+    parser.add_argument("--out", type=Path, default=Path("bench-embed"),
+                        help="JPEGs and caches [bench-embed]")
+    parser.add_argument("--json", type=Path, default=None, help="write the figures here")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    if min(args.images, args.batch_size, args.ceiling_batches) < 1 or args.workers < 0:
+        parser.error("--images, --batch-size, --ceiling-batches must be >= 1 and --workers >= 0")
+    manifest = make_corpus(args.out, args.images, args.workers)
+    paths = sorted((manifest.parent / "images").glob("*.jpg"))
+    size_kb = np.mean([p.stat().st_size for p in paths[:200]]) / 1000
+
+    results = {"date": datetime.date.today().isoformat(), "machine": machine(args.device),
+               "command": " ".join(sys.argv), "images": args.images, "mean_jpeg_kb": round(size_kb, 1),
+               "model": f"{args.model} (random weights)", "device": args.device,
+               "batch_size": args.batch_size, "workers": args.workers,
+               "torch_threads": torch.get_num_threads(), "load_average_before": os.getloadavg()[0]}
+    teacher = load_teacher(args.model, None, args.device)
+    results["ceiling_img_per_s"] = model_ceiling(teacher.model, args.device, args.batch_size,
+                                                 args.ceiling_batches)
+    naive = paths[:args.naive_images or min(args.images, 200)]
+    results["naive_img_per_s"] = naive_loop(teacher.model, teacher.preprocess, naive, args.device)
+    del teacher
+    results["stage"] = end_to_end(manifest, args.out / "cache", args, gpu_decode=False)
+    if args.gpu_decode:
+        results["stage_gpu_decode"] = end_to_end(manifest, args.out / "cache-gpu-decode", args,
+                                                 gpu_decode=True)
+
+    print(f"\n{results['machine']}\n{args.images} JPEGs of {WIDTH}x{HEIGHT}, {size_kb:.0f} KB; "
+          f"{args.model} random weights on {args.device}, batch {args.batch_size}, {args.workers} workers")
+    print(f"  model only (random tensors, encode_image):  {results['ceiling_img_per_s']:8.1f} img/s")
+    print(f"  naive loop (PIL + preprocess, 1 at a time):  {results['naive_img_per_s']:8.1f} img/s "
+          f"({len(naive)} images)")
+    for key, name in (("stage", "embed-images, PIL in workers"),
+                      ("stage_gpu_decode", "embed-images --gpu-decode")):
+        if key in results:
+            r = results[key]
+            print(f"  {name + ':':<44}{r['img_per_s']:8.1f} img/s (image phase {r['image_phase_s']:.1f} s, "
+                  f"whole stage {r['total_s']:.1f} s with captions, keywords and indexes)")
+    results["load_average_after"] = os.getloadavg()[0]
+    print(f"  load average (1 min) before / after: {results['load_average_before']:.1f} / "
+          f"{results['load_average_after']:.1f} (other processes share the cores when it exceeds them)")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,97 @@
+"""The demo command end to end on a reduced demo corpus, and what evaluate writes (JSON schema, embeddings)."""
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from trainer.metrics import keyword_spotting, six_way_retrieval
+
+ROOT = Path(__file__).resolve().parents[1]
+PAIRS = {"audio_to_image", "audio_to_text", "image_to_audio", "image_to_text", "text_to_audio", "text_to_image"}
+RETRIEVAL_KEYS = {"R@1", "R@5", "R@10", "median_rank", "mean_rank"}
+KEYWORD_KEYS = {"mAP", "micro_AP", "P@10", "P@N", "EER", "per_keyword"}
+
+
+def cli(*args, cwd=ROOT):
+    return subprocess.run([sys.executable, str(ROOT / "cli.py"), *map(str, args)], cwd=cwd, capture_output=True,
+                          text=True, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "demo"
+    done = cli("demo", "--out", out, "--images", 18, "--steps", 40, "--teacher-steps", 20, "--workers", 2)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out, done
+
+
+@pytest.mark.slow
+def test_demo_writes_everything_and_prints_the_table(demo_run):
+    out, done = demo_run
+    for name in ("corpus/flickr_audio/wav2capt.txt", "corpus/teacher/open_clip_config.json", "cache/cache.json",
+                 "run/best.pt", "run/last.pt", "run/metrics.jsonl", "run/curves.png", "eval.json", "report.html"):
+        assert (out / name).is_file(), name
+    for label in ("audio -> image", "image -> audio", "text -> image", "keyword spotting: mAP"):
+        assert label in done.stdout
+    assert f"report: {out / 'report.html'}" in done.stdout
+    first = json.loads((out / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["step"] == 1 and abs(first["loss"] - math.log(first["batch_size"])) < 1.0
+
+
+def test_eval_json_has_exactly_the_documented_shape(demo_run):
+    out, _ = demo_run
+    results = json.loads((out / "eval.json").read_text())
+    assert set(results) == {"split", "counts", "retrieval", "keyword_spotting"}
+    assert results["split"] == "test"
+    assert set(results["counts"]) == {"audio", "images", "texts", "keywords"}
+    assert results["counts"]["audio"] == 5 * results["counts"]["images"]
+    assert set(results["retrieval"]) == PAIRS
+    for pair in PAIRS:
+        assert set(results["retrieval"][pair]) == RETRIEVAL_KEYS
+        assert 0 <= results["retrieval"][pair]["R@1"] <= results["retrieval"][pair]["R@10"] <= 100
+    assert set(results["keyword_spotting"]) == KEYWORD_KEYS
+    words = (out / "corpus" / "keywords.txt").read_text().split()
+    assert set(results["keyword_spotting"]["per_keyword"]) == set(words)
+    for stats in results["keyword_spotting"]["per_keyword"].values():
+        assert set(stats) == {"AP", "P@10", "P@N", "EER", "n_relevant"}
+
+
+def test_saved_embeddings_reproduce_the_figures(demo_run, tmp_path):
+    out, _ = demo_run
+    npz, js = tmp_path / "emb.npz", tmp_path / "eval.json"
+    done = cli("evaluate", "--cache", out / "cache", "--checkpoint", out / "run" / "best.pt", "--json", js,
+               "--save-embeddings", npz)
+    assert done.returncode == 0, done.stderr[-2000:]
+    e = np.load(npz)
+    assert set(e.files) == {"audio", "audio_ids", "audio_image_ids", "audio_text", "image", "image_ids", "text",
+                            "text_ids", "text_image_ids", "keyword", "keywords"}
+    caption_of = {}
+    for line in (out / "cache" / "records.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        caption_of[r["utt_id"]] = r["caption_id"]
+    retrieval = six_way_retrieval(e["audio"], list(e["audio_image_ids"]), [caption_of[u] for u in e["audio_ids"]],
+                                  e["image"], list(e["image_ids"]), e["text"], list(e["text_ids"]),
+                                  list(e["text_image_ids"]))
+    kws = keyword_spotting(e["audio"], e["keyword"], list(e["audio_text"]), list(e["keywords"]))
+    results = json.loads(js.read_text())
+    for pair in PAIRS:
+        assert retrieval[pair]["R@10"] == pytest.approx(results["retrieval"][pair]["R@10"])
+    assert kws["mAP"] == pytest.approx(results["keyword_spotting"]["mAP"])
+
+
+@pytest.mark.slow
+def test_a_rerun_reuses_what_is_done(demo_run):
+    out, _ = demo_run
+    before = (out / "eval.json").read_text()
+    log = (out / "run" / "metrics.jsonl").read_text()
+    teacher = (out / "corpus" / "teacher" / "open_clip_model.safetensors").stat().st_mtime
+    done = cli("demo", "--out", out, "--images", 18, "--steps", 40, "--teacher-steps", 20, "--workers", 2)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "parts: 0 written" in done.stderr        # extract-audio found every part complete
+    assert (out / "corpus" / "teacher" / "open_clip_model.safetensors").stat().st_mtime == teacher
+    assert (out / "run" / "metrics.jsonl").read_text() == log   # nothing trained twice
+    assert json.loads((out / "eval.json").read_text())["retrieval"] == json.loads(before)["retrieval"]

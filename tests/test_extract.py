@@ -1,0 +1,326 @@
+"""The extract-audio stage end to end on a tiny Flickr8k-layout corpus: both store formats read back by
+independent readers, resume after kill -9, shards, bad files and options, and speaker-level CMVN."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from click.testing import CliRunner
+
+from cache.manifest import claim_section, read_failures, read_manifest, read_records
+from cache.store import PartWriter, StoreReader, build_index, completed_parts, unescape_key
+from cli import main
+from corpora import speechlike, write_tiny_flickr
+from pipeline.audio import load_audio
+from pipeline.extract import (AUDIO_STORE, SPEAKER_CMVN, ExtractConfig, TooManyFailures, extract_audio,
+                              plan_parts)
+from pipeline.features import cmvn_stats, compute, get_recipe
+from trainer.data import load_split
+
+REPO = Path(__file__).resolve().parents[1]
+PART = 2          # utterances per part: many parts, so a kill lands between them
+IMAGES = 12       # x 5 captions = 60 utterances, 30 parts
+
+
+def run(corpus: Path, cache: Path, **options):
+    return extract_audio(ExtractConfig(data=corpus, cache=cache, workers=2, part_size=PART, progress=False,
+                                       **options))
+
+
+def load(cache: Path):
+    with StoreReader(cache / AUDIO_STORE) as reader:
+        return reader.load_all()
+
+
+def cli(*args: str):
+    """The command in this process; exit code and everything it printed."""
+    result = CliRunner().invoke(main, ["extract-audio", *args])
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exc_info
+    return result.exit_code, result.output
+
+
+def assert_same_cache(a: Path, b: Path) -> None:
+    feats_a, offsets_a, ids_a = load(a)
+    feats_b, offsets_b, ids_b = load(b)
+    assert ids_a == ids_b
+    assert np.array_equal(offsets_a, offsets_b)
+    assert feats_a.dtype == feats_b.dtype and feats_a.tobytes() == feats_b.tobytes()
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    return write_tiny_flickr(tmp_path_factory.mktemp("corpus"), images=IMAGES)
+
+
+@pytest.fixture(scope="module")
+def caches(tmp_path_factory, corpus):
+    """Uninterrupted runs, one per format, made on first use; the tests only read them."""
+    made = {}
+
+    def get(fmt: str) -> Path:
+        if fmt not in made:
+            made[fmt] = tmp_path_factory.mktemp(f"clean_{fmt}")
+            summary = run(corpus, made[fmt], fmt=fmt)
+            assert summary.written == 5 * IMAGES and summary.indexed == 5 * IMAGES
+        return made[fmt]
+    return get
+
+
+# ---- round trip ----
+
+@pytest.mark.parametrize("fmt", ["hdf5", "wds"])
+def test_round_trip_read_by_our_reader_and_the_format_s_own(corpus, caches, fmt):
+    cache = caches(fmt)
+    records = read_records(cache)
+    recipe = get_recipe("mfcc-seed")
+    feats, offsets, ids = load(cache)
+    assert ids == [r["utt_id"] for r in records] and len(ids) == 5 * IMAGES  # corpus order, all of them
+    for i, r in enumerate(records):
+        stored = feats[offsets[i]:offsets[i + 1]]
+        reference = compute(recipe, load_audio(r["audio_path"])).numpy()  # one utterance, no batching
+        assert stored.dtype == np.float16 and stored.shape == reference.shape == (len(stored), 39)
+        np.testing.assert_allclose(stored.astype(np.float32), reference, rtol=2e-3, atol=2e-3)
+
+    # the format's own reader, knowing nothing of clipspeech
+    parts = [str(p) for p in completed_parts(cache / AUDIO_STORE).values()]
+    assert len(parts) == len(plan_parts(5 * IMAGES, PART))
+    seen = {}
+    if fmt == "wds":
+        import webdataset
+        for sample in webdataset.WebDataset(parts, shardshuffle=False).decode():
+            seen[unescape_key(sample["__key__"])] = (sample["npy"], sample["json"])
+    else:
+        for path in parts:
+            with h5py.File(path, "r") as f:
+                part_ids = [b.decode() for b in f["ids"][:]]
+                rows, metas = f["offsets"][:], [json.loads(m) for m in f["meta"][:]]
+                for k, key in enumerate(part_ids):
+                    seen[key] = (f["features"][rows[k]:rows[k + 1]], metas[k])
+    assert list(seen) == ids
+    for i, r in enumerate(records):
+        array, meta = seen[r["utt_id"]]
+        assert np.array_equal(array, feats[offsets[i]:offsets[i + 1]])
+        assert meta["speaker"] == r["speaker"] and meta["caption_id"] == r["caption_id"]
+
+    # the cache says what it holds: corpus, splits, feature settings
+    manifest = read_manifest(cache)
+    assert manifest["corpus"]["kind"] == "flickr8k" and manifest["corpus"]["utterances"] == 5 * IMAGES
+    assert manifest["corpus"]["splits"] == {"train": 30, "dev": 15, "test": 15}
+    assert manifest["audio"] == {"format": fmt, "features": recipe.to_dict(), "part_size": PART}
+    assert read_failures(cache) == []
+
+
+def test_batched_device_path_matches_the_per_worker_path(tmp_path, corpus, caches):
+    # one utterance per batch, where the workers batch a part's two: the float maths differs slightly
+    summary = run(corpus, tmp_path, batch_device="cpu", batch_size=1)
+    assert summary.written == 5 * IMAGES and summary.indexed == 5 * IMAGES
+    feats, offsets, ids = load(tmp_path)
+    clean_feats, clean_offsets, clean_ids = load(caches("hdf5"))
+    assert ids == clean_ids and np.array_equal(offsets, clean_offsets)
+    np.testing.assert_allclose(feats.astype(np.float32), clean_feats.astype(np.float32), rtol=2e-3, atol=2e-3)
+
+
+# ---- settings and bad options ----
+
+def test_appending_with_other_settings_is_refused_naming_them(corpus, caches):
+    cache = caches("hdf5")
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in (cache / AUDIO_STORE).iterdir())
+    base = ["--data", str(corpus), "--cache", str(cache), "--part-size", str(PART)]
+    code, out = cli(*base, "--option", "n_mels=40")
+    assert code == 1 and "audio.features.n_mels: cache has 80, requested 40" in out
+    assert "Fix:" in out and "Traceback" not in out
+    code, out = cli(*base, "--format", "wds", "--features", "fbank")
+    assert code == 1 and 'audio.format: cache has "hdf5", requested "wds"' in out
+    assert 'audio.features.name: cache has "mfcc-seed", requested "fbank"' in out
+    code, out = cli("--data", str(corpus), "--cache", str(cache), "--part-size", "3")
+    assert code == 1 and "audio.part_size: cache has 2, requested 3" in out
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in (cache / AUDIO_STORE).iterdir()) == before
+
+
+def test_bad_options_fail_before_any_work_with_a_clear_message(tmp_path, corpus):
+    cache = tmp_path / "cache"
+    cases = [
+        (["--data", str(corpus), "--features", "mfcc-nope"], "unknown feature recipe 'mfcc-nope'"),
+        (["--data", str(corpus), "--option", "n_mel=40"], "unknown option(s) n_mel for recipe 'mfcc-seed'"),
+        (["--data", str(corpus), "--option", "n_mfcc=99"], "n_mfcc=99 is invalid"),
+        (["--data", str(tmp_path / "nowhere")], "no such corpus file or folder"),
+        (["--data", str(tmp_path)], "not a corpus clipspeech can read"),
+        (["--data", str(corpus), "--device", "tpu"], "--device 'tpu': use cpu, cuda or cuda:N"),
+    ]
+    if not torch.cuda.is_available():
+        cases.append((["--data", str(corpus), "--device", "cuda"], "torch sees no CUDA device here"))
+    for args, message in cases:
+        code, out = cli(*args, "--cache", str(cache))
+        assert code != 0 and message in out and "Traceback" not in out, out
+        assert not (cache / AUDIO_STORE).exists()
+    (tmp_path / "file").write_text("x")
+    code, out = cli("--data", str(corpus), "--cache", str(tmp_path / "file"))
+    assert code != 0 and "file" in out and "Traceback" not in out
+
+
+# ---- crash safety and shards ----
+
+def test_rerun_after_kill_9_finishes_and_equals_an_uninterrupted_run(tmp_path, corpus, caches):
+    cache, store = tmp_path / "cache", tmp_path / "cache" / AUDIO_STORE
+    n_parts = len(plan_parts(5 * IMAGES, PART))
+    # one worker, so the run lasts long enough to be caught half way
+    proc = subprocess.Popen([sys.executable, str(REPO / "cli.py"), "extract-audio", "--data", str(corpus),
+                             "--cache", str(cache), "--part-size", str(PART), "--workers", "1"],
+                            cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    try:
+        while proc.poll() is None and time.monotonic() < deadline:
+            # killed while a part is being written, after at least one was completed
+            if 1 <= len(completed_parts(store)) < n_parts and list(store.glob("part-*.h5.tmp-*")):
+                break
+            time.sleep(0.002)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed half way"
+    done = completed_parts(store)
+    assert 1 <= len(done) < n_parts and not (store / "index.h5").exists()
+    if not list(store.glob("part-*.h5.tmp-*")):  # the part in flight was renamed just before the kill
+        (store / f"part-{min(set(range(n_parts)) - set(done)):05d}.h5.tmp-99999").write_bytes(b"torn")
+
+    summary = run(corpus, cache)
+    assert summary.parts_skipped == len(done) and summary.parts_done == n_parts - len(done)
+    assert summary.indexed == 5 * IMAGES
+    assert not [p.name for p in store.rglob("*.tmp-*")]
+    assert_same_cache(cache, caches("hdf5"))
+
+
+def test_shards_write_one_cache_that_equals_a_single_run(tmp_path, corpus, caches):
+    cache = tmp_path / "cache"
+    first = run(corpus, cache, shard=(0, 2))
+    n_parts = len(plan_parts(5 * IMAGES, PART))
+    assert first.indexed is None and first.missing_parts == list(range(1, n_parts, 2))
+    assert not (cache / AUDIO_STORE / "index.h5").exists()
+    assert any("index: not built yet" in line and "--index-only" in line for line in first.lines())
+
+    code, out = cli("--data", str(corpus), "--cache", str(cache), "--part-size", str(PART), "--index-only")
+    assert code == 1 and f"{n_parts // 2} of {n_parts} parts are missing" in out and "part-00001.h5" in out
+    assert "Traceback" not in out
+
+    second = run(corpus, cache, shard=(1, 2))
+    assert second.indexed == 5 * IMAGES and second.parts_done == n_parts // 2
+    assert_same_cache(cache, caches("hdf5"))
+
+
+# ---- bad input files ----
+
+def spoil(corpus: Path) -> dict[str, str]:
+    """Replaces some utterances' audio by bad files; returns {utterance id: expected reason}."""
+    wavs = corpus / "flickr_audio" / "wavs"
+    ids = sorted(p.stem for p in wavs.glob("*.wav"))
+    rng = np.random.default_rng(3)
+    nan = speechlike(rng, 0.5)
+    nan[1000:1010] = np.nan
+
+    def pcm(samples):
+        return lambda p: sf.write(p, samples, 16000, subtype="PCM_16")
+    writers = {
+        "unreadable": lambda p: p.write_bytes(b"this is not a sound file" * 40),
+        "empty file (0 bytes)": lambda p: p.write_bytes(b""),
+        "empty (0 samples)": pcm(np.zeros(0, np.float32)),
+        "contains NaN or Inf samples": lambda p: sf.write(p, nan, 16000, subtype="FLOAT"),
+        "too short for one frame": pcm(0.3 * rng.standard_normal(100)),
+        "silent (all samples zero)": pcm(np.zeros(8000, np.float32)),
+        "missing file": lambda p: p.unlink(),
+    }
+    expected = {}
+    for utt_id, (reason, write) in zip(ids[1::3], writers.items()):
+        write(wavs / f"{utt_id}.wav")
+        expected[utt_id] = reason
+    return expected
+
+
+def test_bad_files_are_recorded_and_the_rest_continues(tmp_path):
+    corpus = write_tiny_flickr(tmp_path / "corpus", images=5)
+    expected = spoil(corpus)
+    every = [r.stem for r in sorted((corpus / "flickr_audio" / "wavs").glob("*.wav"))] + \
+        [k for k, v in expected.items() if v == "missing file"]
+    base = ["--data", str(corpus), "--part-size", "4", "--workers", "2"]
+
+    code, out = cli(*base, "--cache", str(tmp_path / "strict"), "--max-failures", "0")
+    assert code == 1 and "more than --max-failures 0" in out and "Traceback" not in out
+    assert f"utterances: {25 - len(expected)} written, {len(expected)} failed" in out  # the summary
+
+    code, out = cli(*base, "--cache", str(tmp_path / "lenient"), "--max-failures", "100")
+    assert code == 0 and f"{len(expected)} failed (" in out
+    for cache in (tmp_path / "strict", tmp_path / "lenient"):
+        failures = read_failures(cache)
+        assert {f["id"]: f["reason"].split(":")[0] for f in failures} == \
+            {k: v.split(":")[0] for k, v in expected.items()}
+        for f in failures:
+            assert f["stage"] == "audio" and f["path"].endswith(f"{f['id']}.wav")
+        _, _, ids = load(cache)
+        assert sorted(ids) == sorted(set(every) - set(expected))  # nothing partial
+        assert not list((cache / AUDIO_STORE).rglob("*.tmp-*"))
+    with pytest.raises(TooManyFailures, match="more than --max-failures 3"):  # a rerun counts them again
+        extract_audio(ExtractConfig(data=corpus, cache=tmp_path / "lenient", workers=1, part_size=4,
+                                    max_failures=3, progress=False))
+
+
+# ---- speaker-level CMVN ----
+
+def fake_clip_stores(cache: Path) -> None:
+    """Image and caption 'embeddings' (random rows) so that trainer.data.load_split can run."""
+    records = read_records(cache)
+    rng = np.random.default_rng(0)
+    for store, field in (("images", "image_id"), ("texts", "caption_id")):
+        with PartWriter(cache / store, 0, "hdf5", dims=8, dtype="float32") as writer:
+            for key in sorted({r[field] for r in records}):
+                writer.add(key, rng.standard_normal((1, 8)))
+        build_index(cache / store)
+    claim_section(cache, "clip", {"model": "fake"})
+
+
+def test_speaker_cmvn_is_computed_with_the_index_and_applied_by_the_trainer(tmp_path, corpus):
+    cache = tmp_path / "cache"
+    run(corpus, cache, recipe="mfcc-kaldi", recipe_options=(("normalisation", "speaker"),))
+    stats = json.loads((cache / AUDIO_STORE / SPEAKER_CMVN).read_text())
+    speaker_of = {r["utt_id"]: r["speaker"] for r in read_records(cache)}
+    with StoreReader(cache / AUDIO_STORE) as reader:
+        raw = {utt_id: array for utt_id, array in reader}
+    assert sorted(stats["speakers"]) == ["0", "1", "2"]
+    for speaker, s in stats["speakers"].items():
+        mine = [torch.from_numpy(a.astype(np.float32)) for k, a in raw.items() if speaker_of[k] == speaker]
+        mean, std = cmvn_stats(mine)  # pipeline.features' own pooled statistics, as the reference
+        assert s["frames"] == sum(len(a) for a in mine)
+        np.testing.assert_allclose(s["mean"], mean.numpy(), rtol=1e-5, atol=1e-4)
+        np.testing.assert_allclose(s["std"], std.numpy(), rtol=1e-5, atol=1e-4)
+        assert np.abs(mean.numpy()).max() > 1  # raw Kaldi MFCCs: the statistics matter
+
+    fake_clip_stores(cache)
+    rows = {}
+    for split in ("train", "dev", "test"):
+        data = load_split(cache, split)
+        for i, utt_id in enumerate(data.utt_ids):
+            rows.setdefault(speaker_of[utt_id], []).append(data.features[data.offsets[i]:data.offsets[i + 1]])
+            assert not np.array_equal(rows[speaker_of[utt_id]][-1].numpy(), raw[utt_id])
+    for speaker, frames in rows.items():
+        x = torch.cat(frames).double()
+        assert torch.allclose(x.mean(0), torch.zeros(39, dtype=torch.double), atol=1e-2)
+        assert torch.allclose(x.std(0, correction=0), torch.ones(39, dtype=torch.double), atol=1e-2)
+
+    # without its statistics the trainer refuses; --index-only writes them again, the same
+    saved = (cache / AUDIO_STORE / SPEAKER_CMVN).read_text()
+    (cache / AUDIO_STORE / SPEAKER_CMVN).unlink()
+    with pytest.raises(FileNotFoundError, match="--index-only"):
+        load_split(cache, "train")
+    code, out = cli("--data", str(corpus), "--cache", str(cache), "--part-size", str(PART), "--features",
+                    "mfcc-kaldi", "--option", "normalisation=speaker", "--index-only")
+    assert code == 0 and "index: 60 utterances in 30 parts" in out
+    assert (cache / AUDIO_STORE / SPEAKER_CMVN).read_text() == saved
+    shutil.rmtree(cache)

@@ -1,0 +1,283 @@
+"""The training stage on the shared tiny cache (tests/conftest.py): it starts at chance and learns, keeps one
+caption per image in the batches the loop uses, resumes exactly (memory and stream data), matches one
+process with two DDP processes, resolves its config in order, and fails clearly through the CLI."""
+from __future__ import annotations
+
+import json
+import math
+import multiprocessing as mp
+import os
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from cli import main as cli_main
+from trainer.checkpoint import load_checkpoint, load_encoder
+from trainer.config import PRESETS, TrainConfig, resolve_config
+from trainer.data import MemoryBatches, load_split
+from trainer.loss import ImagesAsClassesLoss
+from trainer.stream import StreamBatches, pass_batches
+from trainer.train import train
+
+# small and quick: one transformer layer, 8-utterance batches of the 12 training images
+TINY = dict(preset="demo", layers=1, ff_dim=128, lr=2e-3, warmup=5, batch_size=8, log_every=1, threads=1,
+            device="cpu", progress=False, eval_every=1000, save_every=1000)
+LEARN = dict(steps=60, eval_every=30, save_every=30)
+
+
+def _config(cache, out, **changes) -> TrainConfig:
+    options = {**TINY, **changes}
+    return resolve_config(options.pop("preset"), cache=str(cache), out=str(out), **options)
+
+
+def _losses(run_dir: Path) -> dict[int, float]:
+    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+    return {r["step"]: r["loss"] for r in map(json.loads, lines) if "loss" in r}
+
+
+def _record_batches(monkeypatch) -> list[torch.Tensor]:
+    """The image embeddings of every batch the training loop hands to the loss, as the loop used them."""
+    seen: list[torch.Tensor] = []
+    forward = ImagesAsClassesLoss.forward
+
+    def recording(self, audio, image, text=None):
+        seen.append(image.detach().cpu().clone())
+        return forward(self, audio, image, text)
+
+    monkeypatch.setattr(ImagesAsClassesLoss, "forward", recording)
+    return seen
+
+
+@pytest.fixture()
+def batch_images(monkeypatch) -> list[torch.Tensor]:
+    return _record_batches(monkeypatch)
+
+
+def _assert_distinct_images(batches: list[torch.Tensor], cache: Path) -> None:
+    images = load_split(cache, "train", features=False).images
+    assert torch.cdist(images, images).add(torch.eye(len(images))).min() > 1e-3  # the fixture's promise
+    for rows in batches:
+        nearest = torch.cdist(rows, images).argmin(dim=1)
+        assert torch.allclose(images[nearest], rows)          # every row is one of the split's images
+        assert len(set(nearest.tolist())) == len(rows), "two captions of one image in a batch"
+
+
+# ----------------------------------------------------------------------------------------------------
+# A fresh run: chance level, learning, what RUN_DIR holds, one caption per image
+
+
+@pytest.fixture(scope="module")
+def learned(tiny_cache, tmp_path_factory):
+    """One 60-step run with dev evaluation every 30 steps, and the image rows of each of its batches."""
+    out = tmp_path_factory.mktemp("learned") / "run"
+    with pytest.MonkeyPatch.context() as patch:
+        seen = _record_batches(patch)
+        result = train(_config(tiny_cache, out, **LEARN))
+    return out, result, seen
+
+
+def test_first_loss_is_near_chance_and_training_lowers_it_clearly(learned):
+    out, result, _ = learned
+    losses = _losses(out)
+    chance = math.log(8)
+    assert abs(losses[1] - chance) < 0.1 * chance            # random student: ln(B), the loss's chance level
+    late = np.mean([losses[s] for s in range(51, 61)])      # seeds 42, 1, 7 gave 0.98, 0.88, 0.74
+    assert late < 0.6 * chance, f"mean loss of steps 51-60 {late:.2f} vs ln 8 = {chance:.2f}"
+    assert result["step"] == 60
+
+
+def test_run_dir_holds_config_logs_checkpoints_and_curves(learned, tiny_cache):
+    out, result, _ = learned
+    for name in ("config.json", "metrics.jsonl", "last.pt", "best.pt", "curves.png"):
+        assert (out / name).is_file(), name
+    saved = json.loads((out / "config.json").read_text())
+    assert saved == _config(tiny_cache, out, **LEARN).to_dict()
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    dev = [r for r in records if "dev/keyword_mAP" in r]
+    assert [r["step"] for r in dev] == [30, 60]
+    for key in ("audio_to_image_R@1", "audio_to_image_R@5", "audio_to_image_R@10", "image_to_audio_R@1",
+                "image_to_audio_R@5", "image_to_audio_R@10", "keyword_mAP"):
+        assert all(0.0 <= r[f"dev/{key}"] <= 100.0 for r in dev), key
+    best = max(dev, key=lambda r: r["dev/keyword_mAP"])      # ties: the first one was kept
+    assert result["best"] == {"metric": "keyword_mAP", "value": best["dev/keyword_mAP"], "step": best["step"]}
+    last, best_state = load_checkpoint(out / "last.pt"), load_checkpoint(out / "best.pt")
+    assert last["step"] == 60 and best_state["step"] == best["step"]
+    assert last["config"] == saved and best_state["config"] == saved
+    model, _ = load_encoder(out / "best.pt")
+    assert model.cfg.out_dim == 512 and model.cfg.layers == 1
+
+
+def test_the_loop_never_batches_two_captions_of_one_image(learned, tiny_cache):
+    _, _, seen = learned
+    assert len(seen) == 60 and all(len(rows) == 8 for rows in seen)
+    _assert_distinct_images(seen, tiny_cache)
+
+
+def test_without_the_rule_captions_of_one_image_do_meet(tiny_cache):
+    """The check above can fail: 8 of 12 images per batch, 5 captions each, do collide when allowed to."""
+    data = load_split(tiny_cache, "train")
+    codes = data.image_index.numpy()
+    for rule, collide in ((True, False), (False, True)):
+        source = MemoryBatches(data, [(0, 8)], seed=0, one_caption_per_image=rule)
+        batches = [source.sampler.next_batch(8) for _ in range(20)]
+        assert any(len(set(codes[b])) < len(b) for b in batches) == collide
+
+
+# ----------------------------------------------------------------------------------------------------
+# Resume: a run stopped and resumed logs the losses of one that never stopped
+
+
+@pytest.mark.parametrize("mode", ["memory", "stream"])
+def test_stopped_and_resumed_run_logs_the_same_losses(mode, tiny_cache, tiny_wds_cache, tmp_path,
+                                                      batch_images):
+    # dropout and SpecAugment on: their random draws must be restored too; the batch size switches from 4
+    # to 8 (stream: to 4 x 2 readers can't fill 8, so 2 -> 4) after the stop, through the restored schedule
+    cache = tiny_cache if mode == "memory" else tiny_wds_cache
+    schedule = "4:5,8" if mode == "memory" else "2:5,4"
+    common = dict(steps=9, dropout=0.1, spec_augment=True, batch_schedule=schedule, data_mode=mode, workers=2)
+    train(_config(cache, tmp_path / "whole", **common))
+    whole_batches = list(batch_images)
+    train(_config(cache, tmp_path / "parts", stop_after=3, **common))
+    assert load_checkpoint(tmp_path / "parts" / "last.pt")["step"] == 3
+    train(_config(cache, tmp_path / "parts", resume=True, **common))
+    whole, parts = _losses(tmp_path / "whole"), _losses(tmp_path / "parts")
+    assert sorted(whole) == list(range(1, 10)) and sorted(parts) == sorted(whole)
+    assert [whole[s] for s in whole] == [parts[s] for s in whole]
+    records = [json.loads(line) for line in (tmp_path / "parts" / "metrics.jsonl").read_text().splitlines()]
+    sizes = [r["batch_size"] for r in records if "loss" in r]
+    assert sizes == [int(schedule[0])] * 5 + [int(schedule[-1])] * 4
+    assert all(torch.equal(a, b) for a, b in zip(whole_batches, batch_images[len(whole_batches):]))
+    _assert_distinct_images(batch_images, cache)
+
+
+def test_stream_mode_needs_a_webdataset_cache(tiny_cache, tmp_path):
+    with pytest.raises(ValueError, match="--format wds"):
+        train(_config(tiny_cache, tmp_path / "run", steps=2, data_mode="stream"))
+
+
+def test_stream_refuses_more_ranks_than_shards_and_caps_readers(tiny_wds_cache):
+    """4 shards hold the 60 training utterances: 5 ranks would leave one without data (DDP would hang)."""
+    data = load_split(tiny_wds_cache, "train", features=False)
+    args = dict(data=data, cache=tiny_wds_cache, schedule=[(0, 20)], seed=0, buffer=64, max_frames=2048,
+                device=torch.device("cpu"))
+    with pytest.raises(ValueError, match="4 shards hold training utterances, fewer than the 5 processes"):
+        StreamBatches(rank=0, world=5, workers=1, **args)
+    with pytest.warns(UserWarning, match="using 2 reader"):
+        assert StreamBatches(rank=1, world=2, workers=3, **args).workers == 2
+
+
+def test_pass_batches_respect_sizes_the_rule_and_use_each_utterance_once():
+    rng = np.random.default_rng(0)
+    codes = np.repeat(np.arange(60), 5)                 # captions of an image side by side, as in shards
+    lengths = rng.integers(50, 500, len(codes))
+    order = np.arange(len(codes))
+
+    def size(k):
+        return 8 if k < 10 else 16
+
+    def spread(batches):
+        return np.mean([np.ptp(lengths[b]) for b in batches])
+
+    batches = list(pass_batches(order, lengths, codes, size, (0, 0), buffer=128))
+    assert [len(b) for b in batches] == [size(k) for k in range(len(batches))]
+    assert all(len(set(codes[b])) == len(b) for b in batches)
+    used = np.concatenate(batches)
+    assert len(set(used.tolist())) == len(used) and len(used) > 0.9 * len(codes)
+    again = list(pass_batches(order, lengths, codes, size, (0, 0), buffer=128))
+    assert all(np.array_equal(a, b) for a, b in zip(batches, again))
+    unbucketed = list(pass_batches(order, lengths, codes, size, (0, 0), buffer=128, bucket=False))
+    assert spread(batches) < 0.6 * spread(unbucketed)          # similar lengths in a batch: less padding
+
+
+# ----------------------------------------------------------------------------------------------------
+# Two DDP processes (gloo) against one process with the same global batch
+
+
+def _ddp_rank(rank: int, port: int, config: dict) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                      LOCAL_RANK=str(rank))
+    try:
+        train(TrainConfig(**config))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_two_ddp_processes_log_the_losses_of_one(tiny_cache, tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    common = dict(steps=3, batch_size=4, dropout=0.0, spec_augment=False)
+    ddp = _config(tiny_cache, tmp_path / "ddp", **common).to_dict()
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_ddp_rank, args=(rank, port, ddp)) for rank in range(2)]
+    for p in procs:
+        p.start()
+    train(_config(tiny_cache, tmp_path / "one", **common))   # meanwhile, the single process
+    for p in procs:
+        p.join(timeout=120)
+    assert [p.exitcode for p in procs] == [0, 0]
+    assert len(load_checkpoint(tmp_path / "ddp" / "last.pt")["ranks"]) == 2   # one run of two processes
+    one, two = _losses(tmp_path / "one"), _losses(tmp_path / "ddp")
+    assert sorted(one) == sorted(two) == [1, 2, 3]
+    assert np.allclose([one[s] for s in one], [two[s] for s in one], rtol=1e-4, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Configuration and the command line
+
+
+def test_defaults_are_the_seed_set_up():
+    cfg = TrainConfig()
+    assert (cfg.batch_size, cfg.lr, cfg.weight_decay, cfg.warmup, cfg.steps, cfg.seed) == \
+        (64, 4e-4, 0.01, 1000, 25_000, 42)
+    assert (cfg.layers, cfg.heads, cfg.width, cfg.pos_emb, cfg.pooling, cfg.padding_mask, cfg.max_frames) == \
+        (8, 4, 128, "none", "first", False, 2048)
+    assert cfg.symmetric and cfg.spec_augment and cfg.targets == "image" and cfg.best_metric == "keyword_mAP"
+    assert cfg.data_mode == "memory" and cfg.one_caption_per_image
+
+
+def test_precedence_defaults_preset_toml_command_line(tmp_path):
+    toml = tmp_path / "run.toml"
+    toml.write_text('preset = "demo"\nlr = 0.002\nsteps = 500\nbatch-schedule = "16:100,32"\nlayers = 2\n')
+    cfg = resolve_config(None, toml, steps=700)
+    assert cfg.preset == "demo"
+    assert cfg.steps == 700                                   # command line beats the file
+    assert (cfg.lr, cfg.batch_schedule, cfg.layers) == (0.002, "16:100,32", 2)   # file beats the preset
+    assert cfg.pooling == PRESETS["demo"]["pooling"] == "mean"                    # preset beats the default
+    assert cfg.weight_decay == TrainConfig.weight_decay                           # untouched: the default
+    assert resolve_config("seed", toml).pooling == "first"    # --preset beats the file's preset
+    assert resolve_config(None, toml, lr=None).lr == 0.002    # unset options leave the file's value
+
+
+def _cli(*args) -> tuple[int, str]:
+    result = CliRunner().invoke(cli_main, ["train", *map(str, args)])
+    return result.exit_code, result.output
+
+
+@pytest.mark.parametrize("args, toml, message", [
+    (["--batch-schedule", "64:2000,oops"], None, "bad batch schedule"),
+    (["--device", "cuda"], None, "no CUDA GPU"),
+    ([], "steps = 'many'\n", "steps = 'many': expected int"),
+    ([], "stepz = 10\n", "unknown settings stepz"),
+    ([], "data_mode = 'stream'\n", "--format wds"),
+    ([], "[model]\nlayers = 2\n", "sections [model] are not supported"),
+])
+def test_bad_options_fail_with_a_message_not_a_traceback(args, toml, message, tiny_cache, tmp_path):
+    if toml is not None:
+        (tmp_path / "run.toml").write_text(toml)
+        args = [*args, "--config", tmp_path / "run.toml"]
+    code, output = _cli("--cache", tiny_cache, "--out", tmp_path / "run", "--threads", 1, *args)
+    assert code == 1 and "Traceback" not in output
+    assert message in output
+
+
+def test_an_existing_run_is_not_overwritten_without_resume(learned, tiny_cache):
+    out, _, _ = learned
+    before = (out / "last.pt").read_bytes()
+    code, output = _cli("--cache", tiny_cache, "--out", out, "--steps", 2)
+    assert code == 1 and "Traceback" not in output and "--resume" in output
+    assert (out / "last.pt").read_bytes() == before
