@@ -305,6 +305,7 @@ def _make_demo(out, images, seed, workers, teacher_steps, overwrite) -> dict:
 def demo(out, images, seed, workers, steps, teacher_steps):
     """The whole chain on the built-in demo corpus: make-demo -> extract-audio -> embed-images -> train -> evaluate."""
     import time
+    from pipeline.demo.make_demo import split_sizes
     from pipeline.embed import EmbedConfig, embed_images
     from pipeline.extract import ExtractConfig, default_workers, extract_audio
     from trainer.config import resolve_config
@@ -328,7 +329,8 @@ def demo(out, images, seed, workers, steps, teacher_steps):
     stage("extract-audio", extract_audio, ExtractConfig(data=corpus, cache=cache, workers=workers))
     stage("embed-images", embed_images, EmbedConfig(data=corpus, cache=cache, model=f"local-dir:{summary['teacher']}",
                                                     workers=min(workers, 2), batch_size=100))
-    stage("train", run_train, resolve_config("demo", cache=str(cache), out=str(run), resume=True, steps=steps))
+    stage("train", run_train, resolve_config("demo", cache=str(cache), out=str(run), resume=True, steps=steps,
+                                             batch_size=min(64, split_sizes(images)["train"])))
     ecfg = EvalConfig(cache=cache, checkpoint=run / "best.pt", json=out / "eval.json", html=out / "report.html")
     results, arrays, chance = stage("evaluate", run_evaluate, ecfg)
     report = write_html(ecfg, results, arrays)

@@ -91,7 +91,7 @@ def test_a_rerun_reuses_what_is_done(demo_run):
     teacher = (out / "corpus" / "teacher" / "open_clip_model.safetensors").stat().st_mtime
     done = cli("demo", "--out", out, "--images", 18, "--steps", 40, "--teacher-steps", 20, "--workers", 2)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "parts: 0 written" in done.stderr        # extract-audio found every part complete
+    assert "this run wrote 0 parts" in done.stderr   # extract-audio found every part complete
     assert (out / "corpus" / "teacher" / "open_clip_model.safetensors").stat().st_mtime == teacher
     assert (out / "run" / "metrics.jsonl").read_text() == log   # nothing trained twice
     assert json.loads((out / "eval.json").read_text())["retrieval"] == json.loads(before)["retrieval"]

@@ -45,9 +45,12 @@ def write_corpus(root, shapes=SHAPES, seed=0):
 
 
 def demo_teacher(folder, seed=0) -> str:
-    """The demo's teacher architecture (64 px, squash resize), saved as its "local-dir:" folder, unfitted."""
+    """The demo's teacher code (64 px, squash resize), saved as its "local-dir:" folder, unfitted. Its ViT
+    tower: a random ResNet tower (the demo's default) maps every image to nearly the same embedding, so
+    equality checks could not tell images apart."""
     from pipeline.demo.teacher import TeacherConfig, build_model, save_teacher
-    save_teacher(build_model(TeacherConfig(seed=seed)), folder, {})
+    vit = "clipspeech-demo-vit"
+    save_teacher(build_model(TeacherConfig(model=vit, seed=seed)), folder, {}, vit)
     return f"local-dir:{folder}"
 
 
@@ -98,6 +101,7 @@ def reference(model_name, paths=(), texts=(), preprocess=None, seed=None):
     if seed is not None:
         torch.manual_seed(seed)
     model, _, own_preprocess = open_clip.create_model_and_transforms(model_name)
+    model.eval()
     preprocess = preprocess or own_preprocess
     with torch.no_grad():
         pictures = [p if isinstance(p, Image.Image) else Image.open(p) for p in paths]
