@@ -16,7 +16,7 @@ from typing import Iterator, Sequence
 import h5py
 import numpy as np
 
-from cache.manifest import atomic_write_json, fsync_path, settings_diff, to_json
+from cache.manifest import atomic_target, atomic_write_json, fsync_path, settings_diff, to_json
 
 FORMATS = ("hdf5", "wds")
 DTYPES = ("float16", "float32")
@@ -366,21 +366,12 @@ def _scan_tar(path: pathlib.Path, dims: int, dtype: np.dtype) -> tuple[list[str]
 
 
 def _write_index_h5(path: pathlib.Path, ids: list[str], cols: dict[str, np.ndarray], sizes: dict) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    try:
-        with h5py.File(tmp, "w") as f:
-            f.create_dataset("ids", data=_fixed_bytes(ids))
-            for name, values in cols.items():
-                f.create_dataset(name, data=values)
-            f.attrs["parts"] = to_json(sizes, "sizes")
-            f.attrs["version"] = STORE_VERSION
-        fsync_path(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    fsync_path(path.parent)
+    with atomic_target(path) as tmp, h5py.File(tmp, "w") as f:
+        f.create_dataset("ids", data=_fixed_bytes(ids))
+        for name, values in cols.items():
+            f.create_dataset(name, data=values)
+        f.attrs["parts"] = to_json(sizes, "sizes")
+        f.attrs["version"] = STORE_VERSION
 
 
 class StoreReader:

@@ -2,27 +2,19 @@
 atomically so a crash mid-write never leaves a truncated last.pt or best.pt."""
 from __future__ import annotations
 
-import os
 import random
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from cache.manifest import atomic_target
 from trainer.model import CnnTransformer, EncoderConfig
 
 
 def save_checkpoint(path: str | Path, state: dict) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_target(path) as tmp:
         torch.save(state, tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
