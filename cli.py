@@ -195,6 +195,10 @@ def _flag(name: str, help: str):
               help="Utterance vector: output at step 0 (seed), mean or attention over unpadded steps.")
 @_flag("padding-mask", "Mask padded frames in the transformer [seed: off].")
 @click.option("--max-frames", type=click.IntRange(min=16), default=None, help="Frames per utterance cap [2048].")
+@click.option("--conv-init", type=click.Choice(["pytorch", "kaiming"]), default=None,
+              help="Conv kernels' initialisation: PyTorch's default (seed) or He-normal with zero biases.")
+@click.option("--conv-channels", type=click.IntRange(min=1), default=None,
+              help="Channels of the hidden conv layers; the last has the transformer's width [seed: 96].")
 @click.option("--targets", type=click.Choice(["image", "text", "image+text"]), default=None,
               help="What each utterance must pick out of the batch [image].")
 @_flag("symmetric", "Average audio->image and image->audio losses [on].")
@@ -210,6 +214,7 @@ def _flag(name: str, help: str):
 @click.option("--stream-buffer", type=click.IntRange(min=1), default=None,
               help="Utterances buffered for length bucketing in stream mode [4096].")
 @click.option("--threads", type=click.IntRange(min=0), default=None, help="CPU threads for torch (0 = default).")
+@_flag("cpu-bf16", "bf16 autocast on the CPU where it computes bf16 natively (AVX512-BF16, AMX) [off].")
 def train(toml, preset, **options):
     """Train the audio encoder on CACHE's train split, validating on its dev split.
 
@@ -264,7 +269,7 @@ def evaluate(cache, checkpoint, split, json_out, html, save_embeddings, keywords
               help="The same seed gives byte-identical files.")
 @click.option("--workers", type=click.IntRange(min=1), default=None, help="Processes [default: all cores].")
 @click.option("--teacher-steps", type=click.IntRange(min=1), default=None,
-              help="Training steps of the demo's CLIP teacher [150].")
+              help="Training steps of the demo's CLIP teacher [200].")
 @click.option("--overwrite", is_flag=True, help="Replace a demo corpus made with other settings.")
 def make_demo(out, images, seed, workers, teacher_steps, overwrite):
     """Write the synthetic demo corpus and fit its own small CLIP teacher (no network needed).
@@ -301,7 +306,7 @@ def _make_demo(out, images, seed, workers, teacher_steps, overwrite) -> dict:
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--workers", type=click.IntRange(min=1), default=None, help="Processes [default: all cores].")
 @click.option("--steps", type=click.IntRange(min=1), default=None, help="Student training steps [demo preset].")
-@click.option("--teacher-steps", type=click.IntRange(min=1), default=None, help="Teacher training steps [150].")
+@click.option("--teacher-steps", type=click.IntRange(min=1), default=None, help="Teacher training steps [200].")
 def demo(out, images, seed, workers, steps, teacher_steps):
     """The whole chain on the built-in demo corpus: make-demo -> extract-audio -> embed-images -> train -> evaluate."""
     import time

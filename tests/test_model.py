@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from trainer.augment import spec_augment
-from trainer.model import PRESETS, SEED_CONV, CnnTransformer, EncoderConfig, get_preset, output_lengths
+from trainer.model import PRESETS, SEED_CONV, CnnTransformer, EncoderConfig, conv_stack, get_preset, output_lengths
 
 # The seed's conv stack with a small transformer, so each test runs in well under a second.
 SMALL = EncoderConfig(width=32, layers=2, heads=2, ff_dim=64, out_dim=24,
@@ -106,7 +106,7 @@ def test_presets_and_config_round_trip():
     seed = PRESETS["seed"]
     assert (seed.layers, seed.pooling, seed.padding_mask, seed.pos_emb) == (8, "first", False, "none")
     demo = PRESETS["demo"]
-    assert (demo.layers, demo.pooling, demo.padding_mask) == (4, "mean", True)
+    assert (demo.layers, demo.pooling, demo.padding_mask, demo.conv_init) == (2, "mean", True, "kaiming")
     for cfg in (seed, demo, dataclasses.replace(SMALL, pos_emb="sinusoidal")):
         assert EncoderConfig.from_dict(cfg.to_dict()) == cfg
     assert get_preset("seed", out_dim=128).out_dim == 128
@@ -116,8 +116,42 @@ def test_presets_and_config_round_trip():
         EncoderConfig.from_dict({**seed.to_dict(), "widht": 3})
     with pytest.raises(ValueError, match="pooling"):
         EncoderConfig(pooling="max")
+    with pytest.raises(ValueError, match="conv_init"):
+        EncoderConfig(conv_init="xavier")
     with pytest.raises(ValueError, match="width"):
         EncoderConfig(width=256)  # the last conv still has 128 channels
+
+
+def test_conv_stack_keeps_the_seed_kernels_and_strides():
+    assert conv_stack(96, 128) == SEED_CONV
+    narrow = conv_stack(48, 128)
+    assert [c[0] for c in narrow] == [48] * 6 + [128]
+    assert [c[1:] for c in narrow] == [c[1:] for c in SEED_CONV]   # same receptive field and total stride 16
+    model = CnnTransformer(dataclasses.replace(SMALL, conv=conv_stack(48, SMALL.width)))
+    assert [c.out_channels for c in model.convs] == [48] * 6 + [SMALL.width]
+    with pytest.raises(ValueError, match="channels"):
+        conv_stack(0, 128)
+
+
+def test_kaiming_conv_init_keeps_the_signal_through_the_conv_stack():
+    # PyTorch's default Conv1d init shrinks the signal at each layer, so the seed's 7 convs output almost
+    # only their biases; He-normal keeps its scale (the demo's reason for conv_init="kaiming").
+    feats = torch.randn(4, 400, SMALL.input_dim)
+
+    def conv_output_spread(init):
+        torch.manual_seed(0)
+        model = CnnTransformer(dataclasses.replace(SMALL, conv=conv_stack(96, SMALL.width), conv_init=init))
+        x = feats.transpose(1, 2)
+        for conv in model.convs:
+            x = torch.relu(conv(x))
+        return x.std(dim=(0, 2)).mean().item()   # how much the output varies with the input
+
+    he = CnnTransformer(dataclasses.replace(SMALL, conv=conv_stack(96, SMALL.width), conv_init="kaiming"))
+    for conv in he.convs:
+        assert torch.all(conv.bias == 0)
+        fan_in = conv.in_channels * conv.kernel_size[0]
+        assert abs(conv.weight.std().item() / (2 / fan_in) ** 0.5 - 1) < 0.1
+    assert conv_output_spread("kaiming") > 10 * conv_output_spread("pytorch")
 
 
 @pytest.mark.parametrize("pooling", ["first", "mean", "attention"])

@@ -23,9 +23,10 @@ from trainer.loss import ImagesAsClassesLoss
 from trainer.stream import StreamBatches, pass_batches
 from trainer.train import train
 
-# small and quick: one transformer layer, 8-utterance batches of the 12 training images
+# small and quick: one transformer layer, 8-utterance batches of the 12 training images; fp32 whatever the
+# CPU, so that the figures below do not depend on the machine (the bf16 path has its own test)
 TINY = dict(preset="demo", layers=1, ff_dim=128, lr=2e-3, warmup=5, batch_size=8, log_every=1, threads=1,
-            device="cpu", progress=False, eval_every=1000, save_every=1000)
+            device="cpu", progress=False, eval_every=1000, save_every=1000, cpu_bf16=False)
 LEARN = dict(steps=60, eval_every=30, save_every=30)
 
 
@@ -265,6 +266,7 @@ def _cli(*args) -> tuple[int, str]:
     ([], "stepz = 10\n", "unknown settings stepz"),
     ([], "data_mode = 'stream'\n", "--format wds"),
     ([], "[model]\nlayers = 2\n", "sections [model] are not supported"),
+    ([], "conv_init = 'xavier'\n", "conv_init = 'xavier': use one of pytorch, kaiming"),
 ])
 def test_bad_options_fail_with_a_message_not_a_traceback(args, toml, message, tiny_cache, tmp_path):
     if toml is not None:
@@ -281,3 +283,35 @@ def test_an_existing_run_is_not_overwritten_without_resume(learned, tiny_cache):
     code, output = _cli("--cache", tiny_cache, "--out", out, "--steps", 2)
     assert code == 1 and "Traceback" not in output and "--resume" in output
     assert (out / "last.pt").read_bytes() == before
+
+
+def test_conv_options_reach_the_saved_encoder(tiny_cache, tmp_path):
+    out = tmp_path / "run"
+    code, output = _cli("--cache", tiny_cache, "--out", out, "--steps", 2, "--threads", 1, "--layers", 1,
+                        "--batch-size", 8, "--conv-channels", 48, "--conv-init", "pytorch")
+    assert code == 0, output
+    model, _ = load_encoder(out / "last.pt")
+    assert [c.out_channels for c in model.convs] == [48] * 6 + [128]
+    assert model.cfg.conv_init == "pytorch" and model.cfg.layers == 1
+
+
+def test_cpu_bf16_autocast_only_where_asked_for_and_native():
+    from trainer.precision import autocast, cpu_has_native_bf16
+    a, b = torch.randn(4, 8), torch.randn(8, 3)
+    with autocast("cpu"):
+        assert (a @ b).dtype == torch.float32                # the default: fp32 on the CPU
+    with autocast("cpu", cpu_bf16=True):
+        expected = torch.bfloat16 if cpu_has_native_bf16() else torch.float32   # never emulated bf16
+        assert (a @ b).dtype == expected
+
+
+@pytest.mark.skipif(not torch.cpu._is_avx512_bf16_supported() and not torch.cpu._is_amx_tile_supported(),
+                    reason="this CPU has no native bf16")
+def test_cpu_bf16_training_learns_and_keeps_fp32_weights(tiny_cache, tmp_path):
+    out = tmp_path / "run"
+    train(_config(tiny_cache, out, steps=60, cpu_bf16=True))
+    losses = _losses(out)
+    late = np.mean([losses[s] for s in range(51, 61)])
+    assert late < 0.6 * math.log(8), f"mean loss of steps 51-60 {late:.2f} vs ln 8"
+    state = load_checkpoint(out / "last.pt")
+    assert all(v.dtype == torch.float32 for v in state["model"].values() if v.is_floating_point())

@@ -1,15 +1,28 @@
-"""Mixed precision in one place: bf16 autocast on CUDA (no grad scaler needed), full fp32 on the CPU."""
+"""Mixed precision in one place: bf16 autocast on CUDA (no grad scaler needed); on the CPU fp32, or bf16
+autocast where asked for and the CPU computes bf16 natively."""
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 
 
-def autocast(device: torch.device | str):
+@functools.cache
+def cpu_has_native_bf16() -> bool:
+    """True on CPUs with bf16 arithmetic (AVX512-BF16 or AMX): there oneDNN's bf16 convolutions and matmuls
+    run about 1.7x faster than fp32; elsewhere bf16 is emulated and slower than fp32."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")   # private, hence getattr
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
+def autocast(device: torch.device | str, cpu_bf16: bool = False):
+    """bf16 autocast on CUDA; on the CPU only with cpu_bf16 on a CPU with native bf16, else fp32."""
     device = torch.device(device)
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
+    if device.type == "cpu" and cpu_bf16 and cpu_has_native_bf16():
+        return torch.autocast("cpu", dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 

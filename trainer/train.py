@@ -24,14 +24,15 @@ from trainer.data import COMPILE_BUCKET, Batch, MemoryBatches, load_keywords, lo
 from trainer.distributed import world_info
 from trainer.evaluate import dev_metrics
 from trainer.loss import ImagesAsClassesLoss
-from trainer.model import CnnTransformer, EncoderConfig
+from trainer.model import CnnTransformer, EncoderConfig, conv_stack
 from trainer.plots import plot_curves
 from trainer.precision import autocast, pick_device
 from trainer.schedule import lr_at
 
 
 def encoder_config(cfg: TrainConfig, input_dim: int, out_dim: int) -> EncoderConfig:
-    return EncoderConfig(input_dim=input_dim, out_dim=out_dim, **{k: getattr(cfg, k) for k in ENCODER_FIELDS})
+    return EncoderConfig(input_dim=input_dim, out_dim=out_dim, conv=conv_stack(cfg.conv_channels, cfg.width),
+                         **{k: getattr(cfg, k) for k in ENCODER_FIELDS})
 
 
 def param_groups(model: torch.nn.Module, loss_fn: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -113,7 +114,7 @@ def fit_step(run: Run, batch: Batch) -> torch.Tensor:
     feats = batch.feats
     if run.cfg.spec_augment:
         feats = spec_augment(feats, batch.lengths, run.generator)
-    with autocast(run.device):
+    with autocast(run.device, run.cfg.cpu_bf16):
         audio = run.forward(feats, batch.lengths)
     losses = run.loss_fn(audio, batch.images, batch.texts)   # normalised, logits and loss in fp32
     run.optimizer.zero_grad(set_to_none=True)

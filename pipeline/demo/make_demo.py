@@ -21,7 +21,7 @@ from pipeline.demo.speech import SAMPLE_RATE, SPEAKERS, SpeechJob, engine, synth
 CAPTIONS_PER_IMAGE = 5
 JPEG_QUALITY = 90
 CONFIG_FILE = "demo_config.json"  # written last: its presence marks a complete corpus
-GENERATOR_VERSION = 1  # bump when the same seed would give different files
+GENERATOR_VERSION = 2  # bump when the same seed would give different files
 # Independent random streams, so that e.g. changing the speakers leaves the images unchanged.
 _IDS, _SCENES, _CAPTIONS, _IMAGES, _SPEAKERS, _NOISE, _SPLITS = range(7)
 
