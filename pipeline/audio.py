@@ -46,7 +46,7 @@ def load_audio(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE) -> torch
         raise AudioError("empty (0 samples)", path)
     if not np.isfinite(data).all():
         raise AudioError("contains NaN or Inf samples", path)
-    wave = torch.from_numpy(data).mean(dim=1)
+    wave = torch.from_numpy(data[:, 0] if data.shape[1] == 1 else data.mean(axis=1))
     if file_rate != sample_rate:
         wave = AF.resample(wave, orig_freq=int(file_rate), new_freq=sample_rate)
     if not bool(wave.any()):

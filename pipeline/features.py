@@ -204,24 +204,28 @@ def _mvn(x: torch.Tensor, n_frames: torch.Tensor) -> torch.Tensor:
     return (x - mean) / (std + NORM_EPS)
 
 
-def _smooth(x: torch.Tensor, n_frames: torch.Tensor, taps: torch.Tensor, hold_edges: bool) -> torch.Tensor:
-    """sum_k taps[k] * x[t + k - h] with frame indices clamped into each utterance (edge replication).
+def _smooth(x: torch.Tensor, n_frames: torch.Tensor, taps: list[torch.Tensor], hold_edges: bool
+            ) -> list[torch.Tensor]:
+    """For each filter in `taps` (all of one odd length K): sum_k taps[k] * x[t + k - h], frame indices
+    clamped into each utterance (edge replication). One gather of the K shifted copies [B, T, K, D] serves
+    every filter (mfcc-seed's deltas and delta-deltas share it).
 
-    hold_edges: when an utterance has >= len(taps) frames, its first/last h frames copy the value at
+    hold_edges: when an utterance has >= K frames, its first/last h frames copy the value at
     frame h / T-1-h (savgol mode='interp' for polyorder == deriv). Shorter ones keep edge replication.
     """
-    h = (len(taps) - 1) // 2
+    width = len(taps[0])
+    h = (width - 1) // 2
     t = torch.arange(x.shape[1], device=x.device)[None, :]
     last = (n_frames - 1)[:, None]
     centre = t.expand(len(n_frames), -1)
     if hold_edges:
-        long_enough = (n_frames >= len(taps))[:, None]
+        long_enough = (n_frames >= width)[:, None]
         centre = torch.where(long_enough, torch.minimum(centre.clamp(min=h), last - h), centre)
-    out = torch.zeros_like(x)
-    for k in range(len(taps)):  # one gather per tap, never per frame
-        idx = torch.minimum((centre + k - h).clamp(min=0), last)
-        out = out + taps[k] * torch.gather(x, 1, idx[..., None].expand(-1, -1, x.shape[2]))
-    return out
+    offsets = torch.arange(-h, h + 1, device=x.device)
+    idx = torch.minimum((centre[..., None] + offsets).clamp(min=0), last[..., None])   # [B, T, K]
+    shifted = torch.gather(x, 1, idx.flatten(1)[..., None].expand(-1, -1, x.shape[2]))  # [B, T*K, D]
+    shifted = shifted.view(x.shape[0], x.shape[1], width, x.shape[2])
+    return [torch.einsum("btkd,k->btd", shifted, k) for k in taps]
 
 
 def _stft_power(waves: torch.Tensor, win: int, hop: int) -> torch.Tensor:
@@ -254,9 +258,14 @@ def _seed_prepare(wave: torch.Tensor, cfg: MfccSeedConfig) -> torch.Tensor:
     # Trim: frame k (centred, zero padded) is speech when its mean power is within top_db of the loudest
     # frame's (both floored at 1e-10 like librosa). The loudest frame always qualifies, so nothing is
     # ever trimmed to zero length; an all-quiet wave (RMS < 1e-5 everywhere) is kept whole.
+    # Frame sums come from a running sum of the squared samples (float64: exact enough at any length),
+    # one pass over the wave instead of trim_frame / trim_hop = 4 with a pooling window.
     half = cfg.trim_frame // 2
-    padded = F.pad(wave.double() ** 2, (half, half))[None, None]
-    power = F.avg_pool1d(padded, cfg.trim_frame, cfg.trim_hop)[0, 0].clamp(min=SEED_AMIN)
+    energy = F.pad(torch.cumsum(wave.double() ** 2, 0), (half + 1, 0))  # [i]: sum of x^2 before i - half
+    n_trim = 1 + len(wave) // cfg.trim_hop
+    starts = torch.arange(n_trim, device=wave.device) * cfg.trim_hop
+    stops = (starts + cfg.trim_frame).clamp(max=len(energy) - 1)            # past the end: zero padding
+    power = ((energy[stops] - energy[starts]) / cfg.trim_frame).clamp(min=SEED_AMIN)
     speech = torch.nonzero(power > power.max() * 10.0 ** (-cfg.top_db / 10.0))[:, 0]
     start, end = int(speech[0]) * cfg.trim_hop, min(len(wave), (int(speech[-1]) + 1) * cfg.trim_hop)
     y = wave[start:end]
@@ -289,8 +298,8 @@ def _seed_batch(waves: torch.Tensor, n_samples: torch.Tensor, cfg: MfccSeedConfi
     half = cfg.win // 2
     rms = F.avg_pool1d(F.pad(waves ** 2, (half, half))[:, None], cfg.win, cfg.hop)[:, 0].sqrt()
     ceps = torch.cat([rms[..., None], ceps[..., 1:]], dim=2)  # the frame's RMS replaces c0
-    d1 = _smooth(ceps, n_frames, _savgol_taps(cfg.delta_width, 1).to(waves.device), hold_edges=True)
-    d2 = _smooth(ceps, n_frames, _savgol_taps(cfg.delta_width, 2).to(waves.device), hold_edges=True)
+    taps = [_savgol_taps(cfg.delta_width, deriv).to(waves.device) for deriv in (1, 2)]
+    d1, d2 = _smooth(ceps, n_frames, taps, hold_edges=True)
     feats = torch.cat([ceps, d1, d2], dim=2)
     return (_mvn(feats, n_frames) if cfg.normalise else feats), n_frames
 
@@ -320,8 +329,8 @@ def _kaldi_batch(waves: torch.Tensor, n_samples: torch.Tensor, cfg: MfccKaldiCon
     # torchaudio.functional.compute_deltas(win_length=2*N+1) twice: regression with replicated edges
     n = cfg.delta_window
     taps = (torch.arange(-n, n + 1, dtype=torch.float32) / (n * (n + 1) * (2 * n + 1) / 3)).to(waves.device)
-    d1 = _smooth(ceps, n_frames, taps, hold_edges=False)
-    d2 = _smooth(d1, n_frames, taps, hold_edges=False)
+    d1, = _smooth(ceps, n_frames, [taps], hold_edges=False)
+    d2, = _smooth(d1, n_frames, [taps], hold_edges=False)
     feats = torch.cat([ceps, d1, d2], dim=2)
     return (_mvn(feats, n_frames) if cfg.normalisation == "utterance" else feats), n_frames
 
@@ -354,17 +363,18 @@ def _fbank_batch(waves: torch.Tensor, n_samples: torch.Tensor, cfg: FbankConfig)
 _BATCH = {MfccSeedConfig: _seed_batch, MfccKaldiConfig: _kaldi_batch, FbankConfig: _fbank_batch}
 
 
-def prepare(cfg: Recipe, wave: torch.Tensor) -> torch.Tensor:
+def prepare(cfg: Recipe, wave: torch.Tensor, known_finite: bool = False) -> torch.Tensor:
     """The per-utterance part of a recipe, wave [S] -> [S'] (mfcc-seed: trim, peak, pre-emphasis).
 
     Raises AudioError for a wave with too few samples for one frame (after trimming) or non-finite
-    samples, and ValueError for something that is not a 1-D float tensor.
+    samples, and ValueError for something that is not a 1-D float tensor. known_finite=True skips the
+    scan for NaN/Inf, for waves that `load_audio` returned (it refuses those).
     """
     if not isinstance(wave, torch.Tensor) or wave.ndim != 1 or not wave.is_floating_point():
         shape = tuple(wave.shape) if hasattr(wave, "shape") else type(wave).__name__
         raise ValueError(f"expected a 1-D float tensor [samples], got {shape}: load it with load_audio()")
     wave = wave.to(torch.float32)
-    if not bool(torch.isfinite(wave).all()):
+    if not known_finite and not bool(torch.isfinite(wave).all()):
         raise AudioError("contains NaN or Inf samples")
     if isinstance(cfg, MfccSeedConfig):
         return _seed_prepare(wave, cfg)
