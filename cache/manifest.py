@@ -35,6 +35,15 @@ def fsync_path(path) -> None:
         os.close(fd)
 
 
+def _read_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()  # once, at import: os.umask can only be read by setting it
+
+
 @contextlib.contextmanager
 def atomic_target(path) -> Iterator[pathlib.Path]:
     """Yields a temporary path beside `path` to write; on success it is fsynced and renamed to `path`
@@ -44,6 +53,7 @@ def atomic_target(path) -> Iterator[pathlib.Path]:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{path.name}.tmp-")
     os.close(fd)
     try:
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; a plain open() would honour the umask
         yield pathlib.Path(tmp)
         fsync_path(tmp)
         os.replace(tmp, path)

@@ -344,6 +344,9 @@ def test_atomic_write_text_replaces_whole_file(tmp_path):
     atomic_write_text(tmp_path / "sub" / "f.txt", "é")
     assert (tmp_path / "sub" / "f.txt").read_text(encoding="utf-8") == "é"
     assert os.listdir(tmp_path / "sub") == ["f.txt"]
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")                      # what open() makes under this process's umask
+    assert (tmp_path / "sub" / "f.txt").stat().st_mode & 0o777 == plain.stat().st_mode & 0o777  # not 0600
 
 
 def test_cache_package_does_not_import_torch():

@@ -167,6 +167,16 @@ def test_training_curves_from_run_dir(tmp_path, evaluation):
     assert str(empty / "metrics.jsonl") in text and "does not exist" in text
 
 
+def test_one_curve_panel_per_direction_with_its_three_recalls():
+    from trainer.report import _panels
+    pts = [(100.0, 1.0)]
+    series = {f"dev/{d}_R@{k}": pts for d in ("audio_to_image", "image_to_audio") for k in (1, 5, 10)}
+    panels = _panels({**series, "dev/keyword_mAP": pts})
+    assert list(panels) == ["dev/audio_to_image R@K", "dev/image_to_audio R@K", "dev/keyword_mAP"]
+    assert set(panels["dev/audio_to_image R@K"]) == {"R@1", "R@5", "R@10"}
+    assert panels["dev/keyword_mAP"] == {"dev/keyword_mAP": pts}
+
+
 def test_same_seed_same_page_and_escaped_text(tmp_path, evaluation):
     results, emb, audio_paths, image_paths = evaluation
     emb["audio_text"] = [t.replace("square", "<b>square</b> & co") for t in emb["audio_text"]]

@@ -256,19 +256,36 @@ def _read_metrics_jsonl(path: Path) -> tuple[dict[str, list[tuple[float, float]]
     return series, bad
 
 
+def _panels(series: dict[str, list[tuple[float, float]]]) -> dict[str, dict[str, list[tuple[float, float]]]]:
+    """Keys grouped into panels: one direction's R@1, R@5 and R@10 share a panel (lines "R@1"...); any
+    other key has a panel of its own."""
+    panels: dict[str, dict[str, list[tuple[float, float]]]] = {}
+    for key, points in sorted(series.items()):
+        panel, _, k = key.rpartition("_R@")
+        if panel:
+            panels.setdefault(panel + " R@K", {})[f"R@{k}"] = points
+        else:
+            panels[key] = {key: points}
+    return panels
+
+
 def _plot(series: dict[str, list[tuple[float, float]]], title: str) -> str:
-    """One small panel per key, value vs step, as an <img> with a base64 PNG."""
+    """Small panels of value vs step (see _panels), as an <img> with a base64 PNG."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure      # no pyplot: leaves the global backend alone
 
-    ncols = min(3, len(series))
-    nrows = math.ceil(len(series) / ncols)
+    panels = _panels(series)
+    ncols = min(3, len(panels))
+    nrows = math.ceil(len(panels) / ncols)
     fig = Figure(figsize=(4.2 * ncols, 2.8 * nrows), dpi=90, layout="constrained")
-    for n, (key, points) in enumerate(sorted(series.items())):
+    for n, (name, lines) in enumerate(panels.items()):
         ax = fig.add_subplot(nrows, ncols, n + 1)
-        steps, values = zip(*sorted(points))
-        ax.plot(steps, values, marker="." if len(points) < 30 else None, linewidth=1.2)
-        ax.set_title(key, fontsize=10)
+        for label, points in sorted(lines.items(), key=lambda item: (len(item[0]), item[0])):  # R@1 R@5 R@10
+            steps, values = zip(*sorted(points))
+            ax.plot(steps, values, marker="." if len(points) < 30 else None, linewidth=1.2, label=label)
+        if len(lines) > 1:
+            ax.legend(fontsize=8)
+        ax.set_title(name, fontsize=10)
         ax.set_xlabel("step", fontsize=9)
         ax.grid(alpha=0.3)
     buf = io.BytesIO()
