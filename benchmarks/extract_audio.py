@@ -2,6 +2,7 @@
 """Speed of extract-audio against a naive single-process loop (and Lhotse, when installed) on one corpus.
 
     python benchmarks/extract_audio.py --utterances 3000 --workers 2 --out /tmp/bench-extract --json fig.json
+    python benchmarks/extract_audio.py --utterances 20000 --workers 16 --device cuda --repeats 1 ...   # GPU box
 
 The corpus is the demo's espeak-ng speech (pipeline.demo), made once under --out and reused; where the demo
 generator is not available, tests/corpora.py's synthetic speech-like audio stands in (said in the output).
@@ -112,12 +113,16 @@ def main() -> None:
     parser.add_argument("--baseline-threads", type=int, default=1,
                         help="torch threads of the naive loops [1: faster than more for per-utterance ops, "
                              "and what REFERENCE.md measured]; 0 = torch's default")
+    parser.add_argument("--device", default="cpu",
+                        help="also time extract-audio --device DEVICE (e.g. cuda) with each worker count [cpu: no]")
     parser.add_argument("--repeats", type=int, default=2,
                         help="rounds over all methods; each method's fastest round counts [2]")
     parser.add_argument("--json", type=Path, default=None, help="write the figures here")
     args = parser.parse_args()
     if args.utterances < 1 or min(args.workers) < 1 or args.repeats < 1:
         parser.error("--utterances, --workers and --repeats must be at least 1")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: torch sees no CUDA device here")
     args.out.mkdir(parents=True, exist_ok=True)
     corpus_dir, corpus_kind = make_corpus(args.out, args.utterances, max(args.workers))
     utts = read_corpus(corpus_dir).utterances
@@ -132,17 +137,20 @@ def main() -> None:
     for path in paths:  # into the page cache: otherwise whichever method runs first pays the disk reads
         Path(path).read_bytes()
 
-    def extract(workers: int) -> None:
-        cache = args.out / f"cache-{workers}"
+    def extract(workers: int, batch_device: str | None = None) -> None:
+        cache = args.out / f"cache-{workers}-{batch_device or 'workers'}"
         shutil.rmtree(cache, ignore_errors=True)
         extract_audio(ExtractConfig(data=corpus_dir, cache=cache, recipe=args.features, workers=workers,
-                                    progress=False))
+                                    batch_device=batch_device, progress=False))
 
     methods = [("naive loop: soundfile + torchaudio MFCC + deltas, h5py per utterance", 1,
                 lambda: naive_torchaudio(paths, ids, args.out / "naive_torchaudio.h5")),
                (f"naive loop: clipspeech's {args.features} recipe, h5py per utterance", 1,
                 lambda: naive_same_recipe(paths, ids, args.out / "naive_recipe.h5", args.features))]
     methods += [(f"clipspeech extract-audio ({args.features})", w, lambda w=w: extract(w)) for w in args.workers]
+    if args.device != "cpu":   # workers decode, the features are computed in batches on the device
+        methods += [(f"clipspeech extract-audio --device {args.device} ({args.features})", w,
+                     lambda w=w: extract(w, args.device)) for w in args.workers]
     load_before = os.getloadavg()[0]
     best: dict[int, tuple[float, float]] = {}
     for _ in range(args.repeats):  # rounds alternate the methods, so slow spells of the machine hit them all
