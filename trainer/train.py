@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -277,8 +278,9 @@ def train(cfg: TrainConfig) -> dict:
 
     # ---- the loop
     end = cfg.steps if not cfg.stop_after else min(cfg.steps, run.step + cfg.stop_after)
+    # in a log file (cluster jobs), a line every 30 s rather than a redraw at every step
     bar = tqdm(total=cfg.steps, initial=run.step, unit="step", desc="train",
-               disable=not (main and cfg.progress))
+               disable=not (main and cfg.progress), mininterval=0.1 if sys.stderr.isatty() else 30.0)
     window_loss = torch.tensor(window["loss"], dtype=torch.float32, device=device)  # summed on the device
     window_n, window_utt, window_t, paused = window["n"], 0, time.perf_counter(), 0.0
     last_eval: dict = {}

@@ -7,6 +7,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 from copy import deepcopy
 from dataclasses import asdict, dataclass
@@ -244,7 +245,7 @@ def train_teacher(train: list[tuple[str, list[str]]],
         optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, fused=True)
         model.train()
         losses, order = [], np.array([], dtype=np.int64)
-        bar = tqdm(range(cfg.steps), desc="teacher", unit="step", mininterval=2.0)
+        bar = tqdm(range(cfg.steps), desc="teacher", unit="step", mininterval=2.0 if sys.stderr.isatty() else 30.0)
         for step in bar:
             if len(order) < batch_size:  # new epoch; the remainder of the old one is dropped
                 order = rng.permutation(len(train))
