@@ -20,8 +20,9 @@ from tqdm import tqdm
 
 from cache.manifest import (RECORDS, CacheMismatchError, atomic_write_json, claim_section, read_manifest,
                             read_records, record_stage_failures, settings_diff, write_records)
-from cache.store import (FORMATS, STORE_JSON, STORE_VERSION, PartWriter, StoreReader, build_index,
-                         completed_parts, part_path, read_store_json)
+from cache.reader import StoreReader
+from cache.store import (FORMATS, STORE_JSON, STORE_VERSION, PartWriter, build_index, completed_parts, part_path,
+                         read_store_json)
 from pipeline.audio import SAMPLE_RATE, AudioError, load_audio
 from pipeline.corpus import Corpus, read_corpus
 from pipeline.features import NORM_EPS, compute_batch, get_recipe, prepare

@@ -14,8 +14,9 @@ import pytest
 from cache.manifest import (MANIFEST, CacheMismatchError, append_failures, atomic_write_text, claim_section,
                             read_failures, read_manifest, read_records, record_stage_failures, settings_diff,
                             write_records)
-from cache.store import (FORMATS, PartWriter, StoreReader, build_index, completed_parts, escape_key,
-                         part_path, remove_temporaries, unescape_key)
+from cache.reader import StoreReader
+from cache.store import (FORMATS, PartWriter, build_index, completed_parts, escape_key, part_path,
+                         remove_temporaries, unescape_key)
 
 DIMS = 7
 TRICKY = ["1000_aa.wav", "a/b/c.d", "100%", "%2E", "café.ünïcode/日本", "..", "__x__", "a b"]
@@ -350,5 +351,5 @@ def test_atomic_write_text_replaces_whole_file(tmp_path):
 
 
 def test_cache_package_does_not_import_torch():
-    code = "import sys, cache.store, cache.manifest; sys.exit('torch' in sys.modules)"
+    code = "import sys, cache.store, cache.reader, cache.manifest; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], cwd=pathlib.Path(__file__).parents[1]).returncode == 0

@@ -14,7 +14,8 @@ from open_clip.transform import PreprocessCfg, image_transform_v2
 from PIL import Image
 
 from cache.manifest import CacheMismatchError, read_failures, read_manifest
-from cache.store import PartWriter, StoreReader, completed_parts
+from cache.reader import StoreReader
+from cache.store import PartWriter, completed_parts
 from cli import main
 from corpora import write_tiny_flickr
 from pipeline.embed import IMAGE_STORE, KEYWORD_STORE, TEXT_STORE, EmbedConfig, embed_images

@@ -17,7 +17,8 @@ import torch
 from click.testing import CliRunner
 
 from cache.manifest import claim_section, read_failures, read_manifest, read_records
-from cache.store import PartWriter, StoreReader, build_index, completed_parts, unescape_key
+from cache.reader import StoreReader
+from cache.store import PartWriter, build_index, completed_parts, unescape_key
 from cli import main
 from corpora import speechlike, write_tiny_flickr
 from pipeline.audio import load_audio

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from cache.manifest import read_manifest, read_records
-from cache.store import StoreReader
+from cache.reader import StoreReader
 from trainer.sampler import LengthBucketBatchSampler, local_slice
 from trainer.schedule import batch_size_at
 

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from cache.manifest import atomic_write_json, read_manifest, read_records
-from cache.store import StoreReader
+from cache.reader import StoreReader
 from trainer.data import TEXTS, SplitData, load_keywords, load_split
 from trainer.metrics import chance_recall, keyword_chance, keyword_relevance, keyword_spotting, six_way_retrieval
 from trainer.precision import autocast

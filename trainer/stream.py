@@ -32,7 +32,8 @@ import numpy as np
 import torch
 
 from cache.manifest import read_manifest, read_records
-from cache.store import SIZES_JSON, StoreReader, completed_parts, unescape_key
+from cache.reader import StoreReader
+from cache.store import SIZES_JSON, completed_parts, unescape_key
 from trainer.data import AUDIO, Batch, SplitData, apply_speaker_cmvn, padded_frames
 from trainer.sampler import LengthBucketBatchSampler
 from trainer.schedule import batch_size_at
