@@ -338,7 +338,7 @@ def demo(out, images, seed, workers, steps, teacher_steps):
                                              batch_size=min(64, split_sizes(images)["train"])))
     ecfg = EvalConfig(cache=cache, checkpoint=run / "best.pt", json=out / "eval.json", html=out / "report.html")
     results, arrays, chance = stage("evaluate", run_evaluate, ecfg)
-    report = write_html(ecfg, results, arrays)
+    report = _run(write_html, ecfg, results, arrays)
     click.echo(format_table(results, chance))
     click.echo("stages: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items())
                + f"; total {time.perf_counter() - started:.0f} s")

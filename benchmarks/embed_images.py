@@ -31,6 +31,7 @@ import soundfile as sf  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from cache.manifest import atomic_write_text  # noqa: E402
 from pipeline.embed import EmbedConfig, embed_images, load_teacher  # noqa: E402
 from pipeline.images import autocast  # noqa: E402
 
@@ -68,8 +69,7 @@ def make_corpus(out: Path, images: int, processes: int) -> Path:
         captions = pool.map(write_photo, [(root / "images", i) for i in range(images)], chunksize=64)
     lines = [json.dumps({"id": f"u{i:06d}", "audio": "silence.wav", "image": f"images/{i:06d}.jpg",
                          "caption": caption, "split": "train"}) for i, caption in enumerate(captions)]
-    manifest.with_suffix(".tmp").write_text("\n".join(lines) + "\n")
-    manifest.with_suffix(".tmp").rename(manifest)
+    atomic_write_text(manifest, "\n".join(lines) + "\n")
     return manifest
 
 

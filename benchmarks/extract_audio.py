@@ -39,16 +39,7 @@ def make_corpus(out: Path, utterances: int, workers: int) -> tuple[Path, str]:
     """A Flickr8k-layout corpus of about `utterances` (5 per image) under `out`, reused when already there."""
     images = max(12, math.ceil(utterances / 5))
     root = out / f"corpus-{images * 5}"
-    try:
-        from pipeline.demo.make_demo import CONFIG_FILE, DemoConfig, write_demo_corpus
-    except ImportError as err:
-        print(f"demo corpus generator not available ({err}); using tests/corpora.py speech-like audio")
-        sys.path.insert(0, str(REPO / "tests"))
-        from corpora import write_tiny_flickr
-        if not (root / "keywords.txt").is_file():
-            shutil.rmtree(root, ignore_errors=True)
-            write_tiny_flickr(root, images=images)
-        return root, "tests/corpora.py speech-like audio"
+    from pipeline.demo.make_demo import CONFIG_FILE, DemoConfig, write_demo_corpus
     if not (root / CONFIG_FILE).is_file():
         print(f"writing the demo corpus ({images} images x 5 spoken captions) to {root} ...")
         write_demo_corpus(DemoConfig(out=root, images=images, workers=workers, image_size=64, overwrite=True))

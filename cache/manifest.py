@@ -75,10 +75,10 @@ def atomic_write_text(path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def to_json(obj: Any, what: str) -> str:
-    """`obj` as JSON text; ValueError naming `what` when it holds something JSON cannot hold."""
+def to_json(obj: Any, what: str, indent: int | None = None) -> str:
+    """`obj` as JSON text (keys sorted); ValueError naming `what` when it holds something JSON cannot hold."""
     try:
-        return json.dumps(obj, ensure_ascii=False, allow_nan=False, sort_keys=True)
+        return json.dumps(obj, ensure_ascii=False, allow_nan=False, sort_keys=True, indent=indent)
     except (TypeError, ValueError) as err:
         raise ValueError(f"{what} must hold only JSON values (str, int, float, bool, None, list, dict): "
                          f"{err}") from None
@@ -86,8 +86,7 @@ def to_json(obj: Any, what: str) -> str:
 
 def atomic_write_json(path, obj) -> None:
     """Write `obj` as indented JSON to `path` atomically."""
-    atomic_write_text(path, json.dumps(json.loads(to_json(obj, str(path))), ensure_ascii=False, indent=2)
-                      + "\n")
+    atomic_write_text(path, to_json(obj, str(path), indent=2) + "\n")
 
 
 def read_manifest(cache_dir) -> dict:

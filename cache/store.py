@@ -15,7 +15,7 @@ import time
 import h5py
 import numpy as np
 
-from cache.manifest import atomic_target, atomic_write_json, fsync_path, settings_diff, to_json
+from cache.manifest import atomic_target, atomic_write_json, atomic_write_text, fsync_path, settings_diff, to_json
 
 FORMATS = ("hdf5", "wds")
 DTYPES = ("float16", "float32")
@@ -25,6 +25,7 @@ INDEX_FILE = {"hdf5": "index.h5", "wds": "index.json"}
 STORE_VERSION = 1
 INDEX_FIX = "run the stage again or `--index-only`"
 RESERVED_META = ("id", "frames")  # the wds .json member adds these to the item's meta
+FAILURES_DIR = "failures"  # STORE/failures/part-00012.json: a part's failures, written before the part
 
 _SUFFIX = {"hdf5": ".h5", "wds": ".tar"}
 _PART_RE = re.compile(r"^part-(\d{5,})\.(h5|tar)$")
@@ -55,6 +56,30 @@ def part_path(store_dir, part: int, fmt: str) -> pathlib.Path:
     return pathlib.Path(store_dir) / f"part-{int(part):05d}{_SUFFIX[fmt]}"
 
 
+def plan_parts(n_items: int, part_size: int) -> list[range]:
+    """Positions of each part's items: consecutive runs of `part_size` (the last one shorter)."""
+    return [range(s, min(s + part_size, n_items)) for s in range(0, n_items, part_size)]
+
+
+def failures_path(store_dir, part: int) -> pathlib.Path:
+    """STORE/failures/part-00012.json: the items part `part` could not hold, written before the part."""
+    return pathlib.Path(store_dir) / FAILURES_DIR / f"part-{part:05d}.json"
+
+
+def remove_leftovers(store_dir, parts, fmt: str) -> None:
+    """Temporary files that a killed writer left for `parts` (only these: other jobs may be writing theirs)."""
+    for k in parts:
+        for final in (part_path(store_dir, k, fmt), failures_path(store_dir, k)):
+            for tmp in final.parent.glob(f"{final.name}.tmp-*"):
+                tmp.unlink(missing_ok=True)
+
+
+def recorded_failures(store_dir, parts) -> list[dict]:
+    """The failures recorded for `parts`, in part order (parts without a failures file have none)."""
+    paths = [failures_path(store_dir, k) for k in sorted(parts)]
+    return [f for path in paths if path.is_file() for f in json.loads(path.read_text(encoding="utf-8"))]
+
+
 def _check_format(fmt: str) -> None:
     if fmt not in FORMATS:
         raise ValueError(f"unknown store format {fmt!r}; choose one of {FORMATS}")
@@ -71,6 +96,20 @@ def read_store_json(store_dir) -> dict:
     except json.JSONDecodeError as err:
         raise ValueError(f"{path} is not valid JSON ({err}); delete the store {path.parent} and run the "
                          "stage again") from None
+
+
+def _store_settings(fmt: str, dims: int, dtype: str, attrs: dict) -> dict:
+    """What store.json records: every part of the store was written with these."""
+    return {"version": STORE_VERSION, "format": fmt, "dims": dims, "dtype": dtype, "attrs": attrs}
+
+
+def store_settings_diff(store_dir, fmt: str, dims: int, dtype: str, attrs: dict, prefix: str = "") -> list[str]:
+    """How the store's recorded settings differ from these (settings_diff lines); [] for a new store. Lets
+    a stage refuse a mismatching store before any work, rather than at its first PartWriter."""
+    store_dir = pathlib.Path(store_dir)
+    if not (store_dir / STORE_JSON).is_file():
+        return []
+    return settings_diff(read_store_json(store_dir), _store_settings(fmt, dims, dtype, attrs), prefix)
 
 
 def _claim_store(store_dir: pathlib.Path, settings: dict) -> None:
@@ -110,8 +149,7 @@ class PartWriter:
             raise ValueError(f"{self.path} is already complete (a rerun skips completed parts); delete it "
                              "to write it again")
         self.store_dir.mkdir(parents=True, exist_ok=True)
-        _claim_store(self.store_dir, {"version": STORE_VERSION, "format": fmt, "dims": self.dims,
-                                      "dtype": dtype, "attrs": attrs})
+        _claim_store(self.store_dir, _store_settings(fmt, self.dims, dtype, attrs))
         self.tmp_path = self.path.with_name(f"{self.path.name}.tmp-{os.getpid()}")
         self._lengths: dict[str, int] = {}  # frames per key, in the order added
         self._state = "open"
@@ -306,8 +344,9 @@ def build_index(store_dir) -> int:
         _write_index_h5(store_dir / INDEX_FILE[fmt], ids, cols, sizes)
     else:
         atomic_write_json(store_dir / SIZES_JSON, sizes)
-        atomic_write_json(store_dir / INDEX_FILE[fmt], {"version": STORE_VERSION, "parts": sizes, "ids": ids,
-                                                        **{k: v.tolist() for k, v in cols.items()}})
+        index = {"version": STORE_VERSION, "parts": sizes, "ids": ids, **{k: v.tolist() for k, v in cols.items()}}
+        # one compact line: indented, a SpokenCOCO-sized index is 1.4x the bytes and 4x the time to write
+        atomic_write_text(store_dir / INDEX_FILE[fmt], to_json(index, "the store index") + "\n")
     return len(ids)
 
 

@@ -6,7 +6,6 @@ cache.json, so that no later stage mixes two teachers. Resumable and shardable l
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import shutil
@@ -20,8 +19,9 @@ import torch
 
 from cache.manifest import (CacheMismatchError, atomic_write_json, claim_section, read_manifest,
                             record_stage_failures, settings_diff)
-from cache.store import (FORMATS, INDEX_FILE, STORE_JSON, STORE_VERSION, PartWriter, build_index,
-                         completed_parts, read_store_json)
+from cache.store import (FAILURES_DIR, FORMATS, INDEX_FILE, PartWriter, build_index, completed_parts,
+                         failures_path, plan_parts, read_store_json, recorded_failures, remove_leftovers,
+                         store_settings_diff)
 from pipeline.corpus import read_corpus
 from pipeline.extract import default_workers
 from pipeline.images import autocast, embed_image_files
@@ -30,7 +30,6 @@ from pipeline.versions import versions
 
 log = logging.getLogger(__name__)
 IMAGE_STORE, TEXT_STORE, KEYWORD_STORE = "images", "texts", "keywords"
-FAILURES_DIR = "failures"          # STORE/failures/part-k.json: part k's failures, written before its rename
 SCHEMAS = ("local-dir:", "hf-hub:")
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")   # tags may hold dots, paths these
 RANDOM_INIT_SEED = 0               # random weights are seeded: all shards of a cache get the same model
@@ -210,7 +209,8 @@ def _claim_clip(cfg: EmbedConfig, identity: dict, settings: dict) -> None:
 
 def embed_images(cfg: EmbedConfig) -> EmbedSummary:
     """Runs the stage for this shard; builds the indexes (and records image failures) once all parts exist."""
-    corpus = read_corpus(cfg.data)
+    # no per-file checks: the report is not shown here, and each image's file is checked as it is read
+    corpus = read_corpus(cfg.data, check_files=False)
     fmt = cfg.fmt or read_manifest(cfg.cache).get("audio", {}).get("format", "hdf5")
     teacher = load_teacher(cfg.model, cfg.pretrained, cfg.device)
     settings = _run_settings(cfg, fmt)
@@ -248,22 +248,18 @@ def _plan(cfg: EmbedConfig, fmt: str, store: Path, keys: list[str], attrs: dict,
     The attrs name the planned keys (sha1), so a rerun on a changed corpus is refused instead of resuming
     parts planned for another list; leftovers of killed writers of the missing parts are removed.
     """
-    parts = [range(s, min(s + cfg.part_size, len(keys))) for s in range(0, len(keys), cfg.part_size)]
+    parts = plan_parts(len(keys), cfg.part_size)
     attrs = {**attrs, "plan": {"part_size": cfg.part_size,
                                "keys_sha1": hashlib.sha1("\n".join(keys).encode("utf-8")).hexdigest()}}
-    if (store / STORE_JSON).is_file():
-        wanted = {"version": STORE_VERSION, "format": fmt, "dims": dims, "dtype": cfg.dtype, "attrs": attrs}
-        diffs = settings_diff(read_store_json(store), wanted)
-        if diffs:
-            raise CacheMismatchError(f"store {store} was written with other settings (another corpus or "
-                                     "software version?):\n  " + "\n  ".join(diffs) +
-                                     f"\nFix: delete {store} to embed again, or use another --cache")
+    diffs = store_settings_diff(store, fmt, dims, cfg.dtype, attrs)
+    if diffs:
+        raise CacheMismatchError(f"store {store} was written with other settings (another corpus or "
+                                 "software version?):\n  " + "\n  ".join(diffs) +
+                                 f"\nFix: delete {store} to embed again, or use another --cache")
     done = completed_parts(store)
     i, n = cfg.shard
     todo = [k for k in range(len(parts)) if k % n == i and k not in done]
-    for k in todo:   # only this shard's own leftovers: other shards may be writing theirs right now
-        for tmp in store.glob(f"part-{k:05d}.*.tmp-*"):
-            tmp.unlink(missing_ok=True)
+    remove_leftovers(store, todo, fmt)   # only this shard's: other shards may be writing theirs right now
     return parts, todo, attrs
 
 
@@ -307,7 +303,7 @@ class _PartStream:
 
     def _commit_if_last(self, j: int) -> None:
         if j == self.parts[self.part].stop - 1:
-            atomic_write_json(self.store / FAILURES_DIR / f"part-{self.part:05d}.json", self.failures)
+            atomic_write_json(failures_path(self.store, self.part), self.failures)
             self.writer.commit()
             self.writer = None
 
@@ -352,8 +348,7 @@ def _embed_image_store(cfg, fmt, teacher: Teacher, images: list[tuple[str, str]]
     summary.images_embedded, summary.images_failed = stream.written, stream.failed
     if not _finish_store(store, len(parts)):
         return None
-    return [f for k in range(len(parts))
-            for f in json.loads((store / FAILURES_DIR / f"part-{k:05d}.json").read_text())]
+    return recorded_failures(store, range(len(parts)))
 
 
 def _encode_texts(teacher: Teacher, texts: list[str], cfg: EmbedConfig) -> np.ndarray:

@@ -3,7 +3,6 @@ crash and shardable over array jobs (cache layout: docs/design.md)."""
 from __future__ import annotations
 
 import hashlib
-import json
 import multiprocessing as mp
 import os
 import sys
@@ -21,8 +20,9 @@ from tqdm import tqdm
 from cache.manifest import (RECORDS, CacheMismatchError, atomic_write_json, claim_section, read_manifest,
                             read_records, record_stage_failures, settings_diff, write_records)
 from cache.reader import StoreReader
-from cache.store import (FORMATS, STORE_JSON, STORE_VERSION, PartWriter, build_index, completed_parts, part_path,
-                         read_store_json)
+from cache.store import (FAILURES_DIR, FORMATS, STORE_JSON, PartWriter, build_index, completed_parts,
+                         failures_path, part_path, plan_parts, recorded_failures, remove_leftovers,
+                         store_settings_diff)
 from pipeline.audio import SAMPLE_RATE, AudioError, load_audio
 from pipeline.corpus import Corpus, read_corpus
 from pipeline.features import NORM_EPS, compute_batch, get_recipe, prepare
@@ -33,7 +33,6 @@ STORE_DTYPE = "float16"
 DEFAULT_PART_SIZE = 500      # utterances per part: the unit of resume and sharding
 CPU_BATCH = 8                # utterances per feature call in a worker: amortises torch's per-op overhead
 WINDOW = 64                  # utterances a worker decodes, then computes in length-sorted batches
-FAILURES_DIR = "failures"    # STORE/failures/part-00012.json: a part's failures, written before the part
 SPEAKER_CMVN = "speaker_cmvn.json"  # STORE/speaker_cmvn.json; trainer/data.py reads the same name
 META_KEYS = ("image_id", "caption_id", "caption", "speaker", "split")  # stored with each utterance
 
@@ -153,11 +152,6 @@ def _first(names: list[str], n: int = 8) -> str:
 
 # ---- planning and the cache's self-description ----
 
-def plan_parts(n_utterances: int, part_size: int) -> list[range]:
-    """Corpus positions of each part: consecutive runs of `part_size` (the last one shorter)."""
-    return [range(s, min(s + part_size, n_utterances)) for s in range(0, n_utterances, part_size)]
-
-
 def corpus_digest(corpus: Corpus) -> str:
     """sha1 of the utterance ids in corpus order: the plan of parts depends on exactly that order."""
     return hashlib.sha1("".join(u.utt_id + "\n" for u in corpus.utterances).encode("utf-8")).hexdigest()
@@ -179,10 +173,9 @@ def _check_cache(cfg: ExtractConfig, corpus: Corpus, recipe) -> None:
     diffs = [line for name, settings in sections.items() if name in manifest
              for line in settings_diff(manifest[name], settings, name)]
     store = cfg.cache / AUDIO_STORE
-    if not diffs and (store / STORE_JSON).is_file():  # e.g. other versions, which PartWriter would refuse
-        expected = {"version": STORE_VERSION, "format": cfg.fmt, "dims": recipe.dims, "dtype": STORE_DTYPE,
-                    "attrs": _store_attrs(recipe)}
-        diffs += settings_diff(read_store_json(store), expected, f"{AUDIO_STORE}/{STORE_JSON}")
+    if not diffs:  # e.g. other versions, which PartWriter would refuse
+        diffs = store_settings_diff(store, cfg.fmt, recipe.dims, STORE_DTYPE, _store_attrs(recipe),
+                                    f"{AUDIO_STORE}/{STORE_JSON}")
     if diffs:
         lines = "\n  ".join(diffs)
         raise CacheMismatchError(
@@ -198,23 +191,6 @@ def _check_cache(cfg: ExtractConfig, corpus: Corpus, recipe) -> None:
         claim_section(cfg.cache, name, settings)
     if not (cfg.cache / RECORDS).is_file():  # the claimed ids_sha1 vouches for one that is there
         write_records(cfg.cache, [u.to_dict() for u in corpus.utterances])
-
-
-def _failures_path(store: Path, part: int) -> Path:
-    return store / FAILURES_DIR / f"part-{part:05d}.json"
-
-
-def _remove_leftovers(store: Path, parts: list[int], fmt: str) -> None:
-    """Temporary files that a killed run left for `parts` (only this job's: other jobs may be writing)."""
-    for k in parts:
-        for final in (part_path(store, k, fmt), _failures_path(store, k)):
-            for tmp in final.parent.glob(f"{final.name}.tmp-*"):
-                tmp.unlink(missing_ok=True)
-
-
-def _recorded_failures(store: Path, parts) -> list[dict]:
-    paths = [_failures_path(store, k) for k in sorted(parts)]
-    return [f for path in paths if path.is_file() for f in json.loads(path.read_text(encoding="utf-8"))]
 
 
 # ---- per-utterance work ----
@@ -286,7 +262,7 @@ def _write_part(store: Path, part: int, fmt: str, recipe, utts: list[dict], batc
             written += _add_all(writer, batch, failures)
         position = {u["utt_id"]: i for i, u in enumerate(utts)}
         failures.sort(key=lambda f: position[f["id"]])
-        atomic_write_json(_failures_path(store, part), failures)
+        atomic_write_json(failures_path(store, part), failures)
     return {"part": part, "written": written, "failed": len(failures)}
 
 
@@ -350,14 +326,14 @@ def extract_audio(cfg: ExtractConfig) -> ExtractSummary:
         todo = [k for k in mine if k not in done]
         summary.parts_skipped = len(mine) - len(todo)
         (store / FAILURES_DIR).mkdir(parents=True, exist_ok=True)
-        _remove_leftovers(store, todo, cfg.fmt)
+        remove_leftovers(store, todo, cfg.fmt)
         if todo:
             utts = [u.to_dict() for u in corpus.utterances]
             _run_parts(cfg, recipe, [(k, [utts[j] for j in plan[k]]) for k in todo], summary)
 
     done = completed_parts(store)
     summary.missing_parts = [k for k in range(len(plan)) if k not in done]
-    failures = _recorded_failures(store, done)
+    failures = recorded_failures(store, done)
     for f in failures:  # counted by kind: "unreadable: Error opening..." -> "unreadable"
         kind = f["reason"].split(":")[0].split(" (")[0]
         summary.failures[kind] = summary.failures.get(kind, 0) + 1

@@ -18,12 +18,11 @@ from click.testing import CliRunner
 
 from cache.manifest import claim_section, read_failures, read_manifest, read_records
 from cache.reader import StoreReader
-from cache.store import PartWriter, build_index, completed_parts, unescape_key
+from cache.store import PartWriter, build_index, completed_parts, plan_parts, unescape_key
 from cli import main
 from corpora import speechlike, write_tiny_flickr
 from pipeline.audio import load_audio
-from pipeline.extract import (AUDIO_STORE, SPEAKER_CMVN, ExtractConfig, TooManyFailures, extract_audio,
-                              plan_parts)
+from pipeline.extract import AUDIO_STORE, SPEAKER_CMVN, ExtractConfig, TooManyFailures, extract_audio
 from pipeline.features import cmvn_stats, compute, get_recipe
 from trainer.data import load_split
 

@@ -20,6 +20,7 @@ from trainer.checkpoint import load_checkpoint, load_encoder
 from trainer.config import PRESETS, TrainConfig, resolve_config
 from trainer.data import MemoryBatches, load_split
 from trainer.loss import ImagesAsClassesLoss
+from trainer.precision import autocast, cpu_has_native_bf16
 from trainer.stream import StreamBatches, pass_batches
 from trainer.train import train
 
@@ -151,8 +152,19 @@ def test_stopped_and_resumed_run_logs_the_same_losses(mode, tiny_cache, tiny_wds
     records = [json.loads(line) for line in (tmp_path / "parts" / "metrics.jsonl").read_text().splitlines()]
     sizes = [r["batch_size"] for r in records if "loss" in r]
     assert sizes == [int(schedule[0])] * 5 + [int(schedule[-1])] * 4
-    assert all(torch.equal(a, b) for a, b in zip(whole_batches, batch_images[len(whole_batches):]))
+    assert all(torch.equal(a, b) for a, b in zip(whole_batches, batch_images[len(whole_batches):], strict=True))
     _assert_distinct_images(batch_images, cache)
+
+
+def test_resume_after_a_crash_mid_log_line(tiny_cache, tmp_path):
+    # a run killed while appending to metrics.jsonl leaves a torn last line; --resume must drop it with
+    # the other lines past the checkpoint, not fail on it
+    out = tmp_path / "run"
+    train(_config(tiny_cache, out, steps=4, stop_after=2))
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "loss": 2.')
+    train(_config(tiny_cache, out, steps=4, resume=True))
+    assert sorted(_losses(out)) == [1, 2, 3, 4]
 
 
 def test_stream_mode_needs_a_webdataset_cache(tiny_cache, tmp_path):
@@ -189,7 +201,7 @@ def test_pass_batches_respect_sizes_the_rule_and_use_each_utterance_once():
     used = np.concatenate(batches)
     assert len(set(used.tolist())) == len(used) and len(used) > 0.9 * len(codes)
     again = list(pass_batches(order, lengths, codes, size, (0, 0), buffer=128))
-    assert all(np.array_equal(a, b) for a, b in zip(batches, again))
+    assert all(np.array_equal(a, b) for a, b in zip(batches, again, strict=True))
     unbucketed = list(pass_batches(order, lengths, codes, size, (0, 0), buffer=128, bucket=False))
     assert spread(batches) < 0.6 * spread(unbucketed)          # similar lengths in a batch: less padding
 
@@ -296,7 +308,6 @@ def test_conv_options_reach_the_saved_encoder(tiny_cache, tmp_path):
 
 
 def test_cpu_bf16_autocast_only_where_asked_for_and_native():
-    from trainer.precision import autocast, cpu_has_native_bf16
     a, b = torch.randn(4, 8), torch.randn(8, 3)
     with autocast("cpu"):
         assert (a @ b).dtype == torch.float32                # the default: fp32 on the CPU
@@ -305,8 +316,7 @@ def test_cpu_bf16_autocast_only_where_asked_for_and_native():
         assert (a @ b).dtype == expected
 
 
-@pytest.mark.skipif(not torch.cpu._is_avx512_bf16_supported() and not torch.cpu._is_amx_tile_supported(),
-                    reason="this CPU has no native bf16")
+@pytest.mark.skipif(not cpu_has_native_bf16(), reason="this CPU has no native bf16")
 def test_cpu_bf16_training_learns_and_keeps_fp32_weights(tiny_cache, tmp_path):
     out = tmp_path / "run"
     train(_config(tiny_cache, out, steps=60, cpu_bf16=True))

@@ -10,6 +10,8 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
+from trainer.loss import TARGETS
+from trainer.model import CONV_INITS, POOLINGS, POS_EMBS
 from trainer.model import PRESETS as ENCODER_PRESETS
 from trainer.model import EncoderConfig
 from trainer.schedule import parse_batch_schedule
@@ -76,9 +78,8 @@ class TrainConfig:
 
     def __post_init__(self):
         _check_types(self)
-        choices = {"pos_emb": ("none", "sinusoidal", "learned"), "pooling": ("first", "mean", "attention"),
-                   "conv_init": ("pytorch", "kaiming"),
-                   "targets": ("image", "text", "image+text"), "preset": tuple(PRESETS),
+        choices = {"pos_emb": POS_EMBS, "pooling": POOLINGS, "conv_init": CONV_INITS, "targets": TARGETS,
+                   "preset": tuple(PRESETS),
                    "best_metric": BEST_METRICS, "data_mode": DATA_MODES}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -175,7 +176,3 @@ def resolve_config(preset: str | None = None, toml: str | Path | None = None, **
     if unknown:
         raise ValueError(f"unknown settings {', '.join(unknown)}")
     return TrainConfig(**merged)
-
-
-def with_overrides(cfg: TrainConfig, **changes) -> TrainConfig:
-    return dataclasses.replace(cfg, **changes)

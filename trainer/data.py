@@ -36,7 +36,6 @@ class SplitData:
     image_ids: list[str]          # [M] unique images of the split
     images: torch.Tensor          # [M, E] float32, L2-normalised CLIP image embeddings
     texts: torch.Tensor           # [N, E] float32 caption embedding of each utterance
-    skipped: int = 0              # utterances of the split left out (no features or no image embedding)
 
     def __len__(self) -> int:
         return len(self.utt_ids)
@@ -161,8 +160,7 @@ def load_split(cache: str | Path, split: str, device: str | torch.device = "cpu"
         images=torch.from_numpy(image_emb[[image_row[k] for k in image_ids]].reshape(-1, image_emb.shape[1]))
         .to(**to),
         texts=torch.from_numpy(text_emb[[text_row[r["caption_id"]] for r in usable]]
-                               .reshape(-1, text_emb.shape[1])).to(**to),
-        skipped=len(records) - len(usable))
+                               .reshape(-1, text_emb.shape[1])).to(**to))
 
 
 def load_keywords(cache: str | Path, device: str | torch.device = "cpu"
@@ -213,9 +211,9 @@ class MemoryBatches:
         self.data, self.schedule, self.rank, self.world = data, schedule, rank, world
         self.max_frames, self.frame_multiple = max_frames, frame_multiple
         self.lengths = data.lengths.cpu().numpy()   # T of each batch without asking the GPU
-        image_ids = [data.image_ids[i] for i in data.image_index.tolist()]
         # unbucketed = equal lengths, so the jittered sort is a plain shuffle
-        self.sampler = LengthBucketBatchSampler(self.lengths if bucket else np.ones(len(data)), image_ids,
+        self.sampler = LengthBucketBatchSampler(self.lengths if bucket else np.ones(len(data)),
+                                                data.image_index.cpu().numpy(),
                                                 seed, one_caption_per_image=one_caption_per_image)
         self.pin = data.features.device.type == "cuda"
 

@@ -5,17 +5,32 @@ import json
 import math
 from pathlib import Path
 
+from cache.manifest import atomic_target
 
-def read_log(path: str | Path) -> list[dict]:
+
+def read_log(path: str | Path) -> tuple[list[dict], int]:
+    """RUN_DIR/metrics.jsonl -> (its records, the number of unreadable lines skipped, e.g. a half-written
+    last line of a run that was killed or is still going); ([], 0) when there is no file."""
     path = Path(path)
     if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return [], 0
+    records, bad = [], 0
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            float(record["step"])
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            bad += 1
+            continue
+        records.append(record)
+    return records, bad
 
 
 def plot_curves(log: str | Path, png: str | Path) -> Path | None:
     """Writes `png` from RUN_DIR/metrics.jsonl; None when the log is empty."""
-    records = read_log(log)
+    records, _ = read_log(log)
     if not records:
         return None
     import matplotlib
@@ -48,8 +63,7 @@ def plot_curves(log: str | Path, png: str | Path) -> Path | None:
         ax.legend(fontsize=7)
     fig.tight_layout()
     png = Path(png)
-    tmp = png.with_name(f".{png.stem}.tmp.png")
-    fig.savefig(tmp, dpi=100)
+    with atomic_target(png) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)
-    tmp.replace(png)
     return png

@@ -3,7 +3,6 @@ training curves, with thumbnails, audio and plots inlined as data: URIs."""
 import base64
 import html
 import io
-import json
 import math
 import os
 import re
@@ -12,7 +11,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cache.manifest import atomic_write_text
 from trainer.metrics import RETRIEVAL_PAIRS, chance_recall, keyword_chance, keyword_relevance
+from trainer.plots import read_log
 
 THUMB_PX = 96                         # longest side of an image thumbnail, pixels
 TOP_IMAGES = 5                        # images shown per sample query
@@ -239,20 +240,12 @@ def _keywords_section(results: dict, emb: dict, relevance: np.ndarray) -> str:
 
 def _read_metrics_jsonl(path: Path) -> tuple[dict[str, list[tuple[float, float]]], int]:
     """metrics.jsonl -> ({key: [(step, value), ...]} for numeric keys, number of unreadable lines)."""
+    records, bad = read_log(path)
     series: dict[str, list[tuple[float, float]]] = {}
-    bad = 0
-    for line in path.read_text().splitlines():
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            step = float(row["step"])
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-            bad += 1          # e.g. a half-written last line while the run is still going
-            continue
+    for row in records:
         for key, value in row.items():
             if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
-                series.setdefault(key, []).append((step, float(value)))
+                series.setdefault(key, []).append((float(row["step"]), float(value)))
     return series, bad
 
 
@@ -346,8 +339,5 @@ def write_report(path: str | Path, results: dict, emb: dict, audio_paths: dict[s
             f"<body><h1>clipspeech evaluation: {split} split</h1>\n"
             + "\n".join(sections) + "\n</body></html>\n")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(page, encoding="utf-8")
-    os.replace(tmp, path)          # a reader never sees half a report
+    atomic_write_text(path, page)          # a reader never sees half a report
     return path

@@ -55,7 +55,8 @@ class LengthBucketBatchSampler:
         if not 0.0 <= jitter < 1.0:
             raise ValueError(f"jitter must be in [0, 1), got {jitter}")
         self.lengths = lengths.astype(np.float64)
-        _, self.image_codes = np.unique(np.asarray(image_ids, dtype=object).astype(str), return_inverse=True)
+        # only equality of images matters: ids or codes of any kind (str, int) give the same plans
+        _, self.image_codes = np.unique(np.asarray(image_ids), return_inverse=True)
         self.num_images = int(self.image_codes.max()) + 1
         self.seed = int(seed)
         self.one_caption_per_image = one_caption_per_image

@@ -26,7 +26,7 @@ from trainer.distributed import world_info
 from trainer.evaluate import dev_metrics
 from trainer.loss import ImagesAsClassesLoss
 from trainer.model import CnnTransformer, EncoderConfig, conv_stack
-from trainer.plots import plot_curves
+from trainer.plots import plot_curves, read_log
 from trainer.precision import autocast, pick_device
 from trainer.schedule import lr_at
 
@@ -176,9 +176,9 @@ def _log(path: Path, record: dict, tb=None) -> None:
 
 def _truncate_log(path: Path, step: int) -> None:
     """On resume, forget what a crashed run logged after its last checkpoint."""
-    if path.is_file():
-        keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        atomic_write_text(path, "".join(line + "\n" for line in keep))
+    if path.is_file():   # a torn last line (the crash) is dropped with the rest
+        keep = [record for record in read_log(path)[0] if record["step"] <= step]
+        atomic_write_text(path, "".join(json.dumps(record) + "\n" for record in keep))
 
 
 def _tensorboard(out: Path):

@@ -51,11 +51,6 @@ def keywords() -> list[str]:
     return [w for group in KEYWORD_GROUPS.values() for w in group]
 
 
-def keyword_groups() -> dict[str, list[str]]:
-    """Keyword group name -> its keywords; REFERENCE.md §8 suggests reporting keyword spotting per group."""
-    return {g: list(ws) for g, ws in KEYWORD_GROUPS.items()}
-
-
 def scene_keywords(scene: Scene) -> set[str]:
     """The keywords true of `scene`: its objects' colours, shapes, size words and position words, its
     background words and the count word of a two- or three-object scene."""
