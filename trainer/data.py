@@ -65,11 +65,9 @@ class SplitData:
         return feats, lengths
 
 
-def _embeddings(cache: Path, store: str) -> tuple[dict[str, int], np.ndarray]:
-    reader = StoreReader(cache / store)
-    array, _, ids = reader.load_all()
-    reader.close()
-    return {k: i for i, k in enumerate(ids)}, array.astype(np.float32)
+def _embedding_rows(reader: StoreReader, keys: list[str]) -> np.ndarray:
+    """[len(keys), E] float32: the (1 x E) embeddings of `keys` in that order, only those read."""
+    return reader.load_all(keys)[0].astype(np.float32).reshape(len(keys), reader.dims)
 
 
 def check_cache(cache: Path) -> dict:
@@ -130,10 +128,12 @@ def load_split(cache: str | Path, split: str, device: str | torch.device = "cpu"
     manifest = check_cache(cache)
     records = [r for r in read_records(cache) if r["split"] == split]
     audio = StoreReader(cache / AUDIO)
-    image_row, image_emb = _embeddings(cache, IMAGES)
-    text_row, text_emb = _embeddings(cache, TEXTS)
-    usable = [r for r in records if r["utt_id"] in audio and r["image_id"] in image_row
-              and r["caption_id"] in text_row]
+    with StoreReader(cache / IMAGES) as image_store, StoreReader(cache / TEXTS) as text_store:
+        usable = [r for r in records if r["utt_id"] in audio and r["image_id"] in image_store
+                  and r["caption_id"] in text_store]
+        image_ids = list(dict.fromkeys(r["image_id"] for r in usable))
+        image_emb = _embedding_rows(image_store, image_ids)
+        text_emb = _embedding_rows(text_store, [r["caption_id"] for r in usable])
     if not features:
         frames = dict(zip(audio.ids, audio.lengths.tolist()))
         offsets = np.concatenate([[0], np.cumsum([frames[r["utt_id"]] for r in usable], dtype=np.int64)])
@@ -146,7 +146,6 @@ def load_split(cache: str | Path, split: str, device: str | torch.device = "cpu"
     if features and manifest["audio"]["features"].get("normalisation") == "speaker":
         feats = apply_speaker_cmvn(cache, feats, offsets, [r["speaker"] for r in usable])
 
-    image_ids = list(dict.fromkeys(r["image_id"] for r in usable))
     local = {k: i for i, k in enumerate(image_ids)}
     to = dict(device=device)
     offsets_t = torch.from_numpy(np.asarray(offsets, dtype=np.int64))
@@ -157,10 +156,8 @@ def load_split(cache: str | Path, split: str, device: str | torch.device = "cpu"
         offsets=offsets_t.to(**to), lengths=(offsets_t[1:] - offsets_t[:-1]).to(**to),
         image_index=torch.tensor([local[r["image_id"]] for r in usable], dtype=torch.long).to(**to),
         image_ids=image_ids,
-        images=torch.from_numpy(image_emb[[image_row[k] for k in image_ids]].reshape(-1, image_emb.shape[1]))
-        .to(**to),
-        texts=torch.from_numpy(text_emb[[text_row[r["caption_id"]] for r in usable]]
-                               .reshape(-1, text_emb.shape[1])).to(**to))
+        images=torch.from_numpy(image_emb).to(**to),
+        texts=torch.from_numpy(text_emb).to(**to))
 
 
 def load_keywords(cache: str | Path, device: str | torch.device = "cpu"
