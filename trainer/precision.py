@@ -10,8 +10,8 @@ import torch
 
 @functools.cache
 def cpu_has_native_bf16() -> bool:
-    """True on CPUs with bf16 arithmetic (AVX512-BF16 or AMX): there oneDNN's bf16 convolutions and matmuls
-    run about 1.7x faster than fp32; elsewhere bf16 is emulated and slower than fp32."""
+    """True on CPUs with bf16 arithmetic (AVX512-BF16 or AMX): there the demo preset trains 1.3x faster in
+    bf16 than in fp32 (docs/demo-tuning.md); elsewhere bf16 is emulated and slower than fp32."""
     checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")   # private, hence getattr
     return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
 

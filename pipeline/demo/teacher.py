@@ -63,8 +63,9 @@ class TeacherConfig:
     translation in pixels (no flips: captions say left/right); shared_text_share is how often an image's
     text in a step is one that other train images also hold (attribute texts such as "this is a photo of
     a red") rather than one of its own (its captions); threads is torch's intra-op thread count; cpu_bf16
-    trains under bf16 autocast with channels-last images where the CPU computes bf16 natively (1.7x faster
-    steps on the demo's 2 cores, the same recall; weights, saving and testing stay fp32)."""
+    trains under bf16 autocast with channels-last images where the CPU computes bf16 natively (1.8x faster
+    on the demo's 2 cores, about the same recall: docs/demo-tuning.md; weights, saving and testing stay
+    fp32)."""
     model: str = DEFAULT_MODEL
     steps: int = 200
     batch_size: int = 100
