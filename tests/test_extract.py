@@ -324,3 +324,24 @@ def test_speaker_cmvn_is_computed_with_the_index_and_applied_by_the_trainer(tmp_
     assert code == 0 and "index: 60 utterances in 30 parts" in out
     assert (cache / AUDIO_STORE / SPEAKER_CMVN).read_text() == saved
     shutil.rmtree(cache)
+
+
+def test_streamed_batches_get_the_same_speaker_cmvn_as_memory(tmp_path, corpus):
+    """--data-mode stream normalises each batch by its speakers' statistics: the same rows as load_split."""
+    from trainer.stream import ShardStream, shard_plan
+    cache = tmp_path / "cache"
+    run(corpus, cache, fmt="wds", recipe="mfcc-kaldi", recipe_options=(("normalisation", "speaker"),))
+    fake_clip_stores(cache)
+    memory = load_split(cache, "train")
+    plan = shard_plan(cache, load_split(cache, "train", features=False))
+    assert plan.speakers == memory.speakers and len(set(plan.speakers)) == 3
+    stream = ShardStream(plan, [(0, 4)], seed=0, rank=0, world=1, workers=0, start_step=0, positions={},
+                         generation=0, buffer=16, max_frames=10_000)
+    seen = 0
+    for _, item in zip(range(6), stream):
+        for row, (position, n) in enumerate(zip(item["positions"].tolist(), item["lengths"].tolist())):
+            want = memory.features[memory.offsets[position]:memory.offsets[position + 1]]
+            assert n == len(want)
+            torch.testing.assert_close(item["feats"][row, :n], want, rtol=0, atol=0)
+            seen += 1
+    assert seen == 24

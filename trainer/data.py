@@ -29,6 +29,7 @@ class SplitData:
     utt_ids: list[str]
     caption_ids: list[str]
     transcripts: list[str]
+    speakers: list[str]
     features: torch.Tensor        # [total_frames, dims] float16
     offsets: torch.Tensor         # [N + 1] int64
     lengths: torch.Tensor         # [N] int64 frames
@@ -151,7 +152,7 @@ def load_split(cache: str | Path, split: str, device: str | torch.device = "cpu"
     offsets_t = torch.from_numpy(np.asarray(offsets, dtype=np.int64))
     return SplitData(
         split=split, utt_ids=list(ids), caption_ids=[r["caption_id"] for r in usable],
-        transcripts=[r["caption"] for r in usable],
+        transcripts=[r["caption"] for r in usable], speakers=[str(r["speaker"]) for r in usable],
         features=torch.from_numpy(np.ascontiguousarray(feats, dtype=np.float16)).to(**to),
         offsets=offsets_t.to(**to), lengths=(offsets_t[1:] - offsets_t[:-1]).to(**to),
         image_index=torch.tensor([local[r["image_id"]] for r in usable], dtype=torch.long).to(**to),

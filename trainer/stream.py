@@ -31,7 +31,7 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from cache.manifest import read_manifest, read_records
+from cache.manifest import read_manifest
 from cache.reader import StoreReader
 from cache.store import SIZES_JSON, completed_parts, unescape_key
 from trainer.data import AUDIO, Batch, SplitData, apply_speaker_cmvn, padded_frames
@@ -90,14 +90,11 @@ def shard_plan(cache: str | Path, data: SplitData) -> ShardPlan:
         at_home = shard[mine] == s
         members.append(np.concatenate([mine[at_home], mine[~at_home]]))
         strays.append(mine[~at_home])
-    speakers = None
-    if manifest["audio"].get("features", {}).get("normalisation") == "speaker":
-        speaker_of = {r["utt_id"]: str(r["speaker"]) for r in read_records(cache)}
-        speakers = [speaker_of[u] for u in data.utt_ids]
+    speaker_cmvn = manifest["audio"].get("features", {}).get("normalisation") == "speaker"
     paths = list(parts.values())
     return ShardPlan(cache=str(cache), paths=[str(paths[int(s)]) for s in used], utt_ids=list(data.utt_ids),
                      lengths=data.lengths.cpu().numpy(), image_codes=codes, members=members, strays=strays,
-                     speakers=speakers)
+                     speakers=data.speakers if speaker_cmvn else None)
 
 
 def slot_shards(n_shards: int, seed: int, generation: int, pass_: int, slot: int, slots: int) -> np.ndarray:
@@ -307,12 +304,18 @@ class StreamBatches:
         if state.get("mode") != "stream":
             raise ValueError(f"the checkpoint was written with --data-mode {state.get('mode')}; resume it "
                              "with the same data mode")
-        self.close()
         if state["workers"] == self.workers and state["world"] == self.world:
+            self.close()
             self.positions = {int(r): tuple(p) for r, p in state["positions"].items()}
             return True
-        self.positions, self.generation = {}, step
+        self.reshuffle(step)
         return False
+
+    def reshuffle(self, step: int) -> None:
+        """Starts a new order of the shards, seeded by `step`: for a resume whose stream position cannot be
+        restored (another number of processes or readers)."""
+        self.close()
+        self.positions, self.generation = {}, step
 
     def close(self) -> None:
         self._iter = self._loader = None   # the DataLoader iterator shuts its workers down when collected

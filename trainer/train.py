@@ -208,7 +208,7 @@ def _restore(run: Run, state: dict, last: Path) -> dict:
     else:
         exact = mine is not None and run.source.load_state_dict(mine["data"], run.step)
         if mine is None:
-            run.source.load_state_dict({**ranks[0]["data"], "world": -1}, run.step)
+            run.source.reshuffle(run.step)
     if mine is not None:
         set_rng_state(mine["rng"], run.generator)
     else:   # another number of processes: fresh random streams, seeded by the step
@@ -267,14 +267,17 @@ def train(cfg: TrainConfig) -> dict:
     tb = _tensorboard(out) if main else None
     identity = {"features": manifest.get("audio", {}).get("features"), "clip": manifest.get("clip")}
 
-    def checkpoint(path: Path, window_loss: float, window_n: int) -> None:
+    def weights(path: Path, **resume_state) -> None:
+        """best.pt (the model, for evaluation) or, with `resume_state`, last.pt (all that --resume needs)."""
+        save_checkpoint(path, {"model": run.model.state_dict(), "encoder": run.encoder.to_dict(),
+                               "config": cfg.to_dict(), "step": run.step, "best": best, "cache": identity,
+                               **resume_state})
+
+    def checkpoint(window_loss: float, window_n: int) -> None:
         ranks = _per_rank({"rng": rng_state(run.generator), "data": run.source.state_dict()}, world)
         if main:
-            save_checkpoint(path, {
-                "model": run.model.state_dict(), "encoder": run.encoder.to_dict(), "config": cfg.to_dict(),
-                "loss": run.loss_fn.state_dict(), "optimizer": run.optimizer.state_dict(), "step": run.step,
-                "ranks": ranks, "best": best, "window": {"loss": window_loss, "n": window_n},
-                "cache": identity})
+            weights(last, loss=run.loss_fn.state_dict(), optimizer=run.optimizer.state_dict(), ranks=ranks,
+                    window={"loss": window_loss, "n": window_n})
 
     # ---- the loop
     end = cfg.steps if not cfg.stop_after else min(cfg.steps, run.step + cfg.stop_after)
@@ -313,23 +316,18 @@ def train(cfg: TrainConfig) -> dict:
                     value = _metric(last_eval, metric, train_loss=float(loss))
                     if best["value"] is None or value > best["value"]:
                         best = {"metric": metric, "value": value, "step": step}
-                        save_checkpoint(out / "best.pt", {
-                            "model": run.model.state_dict(), "encoder": run.encoder.to_dict(),
-                            "config": cfg.to_dict(), "step": step, "best": best, "cache": identity})
+                        weights(out / "best.pt")
                 if world > 1:
                     dist.barrier()
             if step % cfg.save_every == 0 or step == end:
-                checkpoint(last, float(window_loss), window_n)
+                checkpoint(float(window_loss), window_n)
             paused += time.perf_counter() - pause
     finally:
         bar.close()
         run.source.close()
     if main:
         if dev is None or not (out / "best.pt").exists():
-            # nothing to choose by (yet): the last weights are the best we know
-            save_checkpoint(out / "best.pt", {
-                "model": run.model.state_dict(), "encoder": run.encoder.to_dict(), "config": cfg.to_dict(),
-                "step": run.step, "best": best, "cache": identity})
+            weights(out / "best.pt")   # nothing to choose by (yet): the last weights are the best we know
         plot_curves(log_path, out / "curves.png")
     if tb is not None:
         tb.close()
