@@ -8,18 +8,19 @@ from sklearn.metrics import average_precision_score, roc_curve
 
 from trainer.metrics import (RETRIEVAL_PAIRS, average_precision, chance_recall, first_positive_ranks,
                              keyword_chance, keyword_relevance, keyword_spotting, recall_summary,
-                             six_way_retrieval)
+                             retrieval_chance, six_way_retrieval)
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
-def toy_split(seed=0, n_images=9, dim=12):
-    """Images with 1-5 captions each; every caption spoken once, audio and text near their image."""
+def toy_split(seed=0, n_images=9, dim=12, captions=None):
+    """Images with 1-5 captions each (or `captions` [n_images]); every caption spoken once, audio and text
+    near their image."""
     rng = np.random.default_rng(seed)
     image = rng.normal(size=(n_images, dim))
     image_ids = [f"img{i}" for i in range(n_images)]
     text, text_ids, text_image_ids = [], [], []
-    for i, n_caps in enumerate(rng.integers(1, 6, size=n_images)):
+    for i, n_caps in enumerate(rng.integers(1, 6, size=n_images) if captions is None else captions):
         for c in range(n_caps):
             text.append(image[i] + 1.5 * rng.normal(size=dim))
             text_ids.append(f"img{i}#{c}")
@@ -141,6 +142,28 @@ def test_recall_summary_and_chance():
     mixed = [1, 3, 5]
     assert chance_recall(50, mixed, 5) == pytest.approx(np.mean([chance_recall(50, m, 5) for m in mixed]))
 
+
+
+def test_retrieval_chance_is_what_random_embeddings_score():
+    """The chance column (evaluate's table and the report) against the mean recall of random embeddings on
+    a split whose images have 1 or 9 captions (image->X R@5: 56 %, where 3 captions per image would give 84)."""
+    d = toy_split(seed=3, n_images=4, captions=[1, 1, 9, 1])
+    chance = retrieval_chance(d["audio_image_ids"], len(d["image_ids"]), d["text_image_ids"], ks=(1, 5))
+    rng = np.random.default_rng(0)
+    trials, sums = 400, {pair: np.zeros(2) for pair in RETRIEVAL_PAIRS}
+    for _ in range(trials):
+        random = {k: rng.normal(size=(len(d[k]), 16)) for k in ("audio", "image", "text")}
+        result = six_way_retrieval(**(d | random))
+        for pair in RETRIEVAL_PAIRS:
+            sums[pair] += [result[pair]["R@1"], result[pair]["R@5"]]
+    for pair in RETRIEVAL_PAIRS:
+        n = result[pair]["n_queries"]
+        for (k, expected), observed in zip(chance[pair].items(), sums[pair] / trials):
+            p = expected / 100
+            sigma = 100 * math.sqrt(p * (1 - p) / (trials * n))    # per-query hits are near independent
+            assert abs(observed - expected) < 5 * sigma + 0.5, (pair, k, observed, expected)
+    assert retrieval_chance(d["audio_image_ids"], len(d["image_ids"]))["image_to_text"] == {
+        1: None, 5: None, 10: None}
 
 # ----------------------------------------------------------------------------- keyword spotting
 

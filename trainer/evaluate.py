@@ -12,7 +12,7 @@ import torch
 from cache.manifest import atomic_write_json, read_manifest, read_records
 from cache.reader import StoreReader
 from trainer.data import TEXTS, SplitData, load_keywords, load_split
-from trainer.metrics import chance_recall, keyword_chance, keyword_relevance, keyword_spotting, six_way_retrieval
+from trainer.metrics import keyword_chance, keyword_relevance, keyword_spotting, retrieval_chance, six_way_retrieval
 from trainer.precision import autocast
 
 PAIRS = (("audio_to_image", "audio -> image"), ("audio_to_text", "audio -> text"),
@@ -108,7 +108,9 @@ def evaluate(cfg: EvalConfig) -> tuple[dict, dict]:
                                   text, text_ids, text_image_ids, chunk=cfg.chunk, device=device)
     kws = keyword_spotting(audio, keyword_emb, data.transcripts, words, device=device)
     relevance = keyword_relevance(data.transcripts, words)
-    chance = chance_levels(len(data), len(data.image_ids), len(text_ids), relevance)
+    chance = {pair: r[10] for pair, r in retrieval_chance(audio_image_ids, len(data.image_ids),
+                                                          text_image_ids).items()}
+    chance["keyword_mAP"] = keyword_chance(relevance)
     results = {
         "split": cfg.split,
         "counts": {"audio": len(data), "images": len(data.image_ids), "texts": len(text_ids),
@@ -129,18 +131,6 @@ def evaluate(cfg: EvalConfig) -> tuple[dict, dict]:
     if cfg.save_embeddings:
         np.savez(cfg.save_embeddings, **arrays)
     return results, arrays, chance
-
-
-def chance_levels(n_audio: int, n_images: int, n_texts: int, relevance: np.ndarray) -> dict:
-    """R@10 of a random ranking for each pair (with the split's captions per image), and keyword mAP's chance."""
-    per_image = n_audio / max(n_images, 1)
-    return {"audio_to_image": chance_recall(n_images, 1, 10),
-            "audio_to_text": chance_recall(n_texts, 1, 10),
-            "image_to_audio": chance_recall(n_audio, round(per_image), 10),
-            "image_to_text": chance_recall(n_texts, round(n_texts / max(n_images, 1)), 10),
-            "text_to_audio": chance_recall(n_audio, 1, 10),
-            "text_to_image": chance_recall(n_images, 1, 10),
-            "keyword_mAP": keyword_chance(relevance[:, relevance.any(0)])}
 
 
 def _keywords(cfg: EvalConfig, device) -> tuple[list[str], torch.Tensor]:

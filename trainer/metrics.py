@@ -4,6 +4,7 @@ Similarities are computed chunk by chunk so SpokenCOCO-sized splits fit in memor
 """
 import math
 import re
+from collections import Counter
 from typing import Hashable, Sequence
 
 import numpy as np
@@ -106,6 +107,23 @@ def chance_recall(n_candidates: int, n_positives_per_query: int | Sequence[int] 
     # C(n-m, k) / C(n, k) = prod_i (n-m-i) / (n-i); a non-positive factor means a hit is certain.
     miss = np.prod(np.clip((n_candidates - m[:, None] - i) / (n_candidates - i), 0.0, None), axis=1)
     return float(100.0 * np.mean(1.0 - miss))
+
+
+def retrieval_chance(audio_image_ids: Sequence[Hashable], n_images: int,
+                     text_image_ids: Sequence[Hashable] | None = None,
+                     ks: Sequence[int] = (1, 5, 10)) -> dict[str, dict[int, float | None]]:
+    """Chance R@k (percent) of each of the six pairs, as six_way_retrieval ranks them: ->image among the
+    `n_images` images, ->audio and ->text among all utterances / captions, image->X with each image's own
+    number of utterances / captions as its positives. The pairs with text are None without `text_image_ids`.
+    """
+    n_audio = len(audio_image_ids)
+    setup: dict[str, tuple] = {"audio_to_image": (n_images, 1), "text_to_audio": (n_audio, 1),
+                               "image_to_audio": (n_audio, list(Counter(audio_image_ids).values()))}
+    if text_image_ids is not None:
+        setup |= {"audio_to_text": (len(text_image_ids), 1), "text_to_image": (n_images, 1),
+                  "image_to_text": (len(text_image_ids), list(Counter(text_image_ids).values()))}
+    return {pair: {k: chance_recall(*setup[pair], k) if pair in setup and setup[pair][0] else None
+                   for k in ks} for pair in RETRIEVAL_PAIRS}
 
 
 def _require_unique(ids: Sequence[Hashable], name: str) -> None:

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from cache.manifest import atomic_write_text
-from trainer.metrics import RETRIEVAL_PAIRS, chance_recall, keyword_chance, keyword_relevance
+from trainer.metrics import RETRIEVAL_PAIRS, keyword_chance, keyword_relevance, retrieval_chance
 from trainer.plots import read_log
 
 THUMB_PX = 96                         # longest side of an image thumbnail, pixels
@@ -112,28 +112,6 @@ def _audio_player(path: str | None, utt_id: str) -> str:
     return f'<audio controls preload="none" src="data:{mime};base64,{data}"></audio>'
 
 
-def _retrieval_chance(emb: dict) -> dict[str, dict[int, float | None]]:
-    """Chance R@1/5/10 (percent) per pair from the id arrays in `emb`; None where ids are missing."""
-    def counts(keys: list[str]) -> dict[str, int]:
-        out: dict[str, int] = {}
-        for k in keys:
-            out[k] = out.get(k, 0) + 1
-        return out
-
-    n_audio = len(emb["audio_image_ids"])
-    n_image = len(emb["image_ids"])
-    per_image_audio = list(counts(_strings(emb["audio_image_ids"])).values())
-    setup = {"audio_to_image": (n_image, 1), "image_to_audio": (n_audio, per_image_audio),
-             "text_to_audio": (n_audio, 1)}
-    if "text_image_ids" in emb:
-        n_text = len(emb["text_image_ids"])
-        per_image_text = list(counts(_strings(emb["text_image_ids"])).values())
-        setup |= {"audio_to_text": (n_text, 1), "image_to_text": (n_text, per_image_text),
-                  "text_to_image": (n_image, 1)}
-    return {pair: {k: chance_recall(*setup[pair], k) if pair in setup and setup[pair][0] else None
-                   for k in (1, 5, 10)} for pair in RETRIEVAL_PAIRS}
-
-
 def _summary_section(results: dict, emb: dict, relevance: np.ndarray | None) -> str:
     """(1) the six-way retrieval table and the keyword-spotting figures, with chance levels."""
     counts = results.get("counts") or {}
@@ -142,7 +120,8 @@ def _summary_section(results: dict, emb: dict, relevance: np.ndarray | None) -> 
         parts.append('<p class="counts">' + " &middot; ".join(
             f"{html.escape(str(k))}: {html.escape(str(v))}" for k, v in counts.items()) + "</p>")
     retrieval = results.get("retrieval") or {}
-    chance = _retrieval_chance(emb)
+    chance = retrieval_chance(_strings(emb["audio_image_ids"]), len(emb["image_ids"]),
+                              _strings(emb["text_image_ids"]) if "text_image_ids" in emb else None)
     rows = []
     for pair in RETRIEVAL_PAIRS:
         r = retrieval.get(pair, {})
