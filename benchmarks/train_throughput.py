@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cache.manifest import claim_section, write_records  # noqa: E402
+from cache.manifest import AUDIO_STORE, IMAGE_STORE, TEXT_STORE, claim_section, write_records  # noqa: E402
 from cache.store import PartWriter, build_index  # noqa: E402
 from trainer.config import TrainConfig  # noqa: E402
 from trainer.data import Batch  # noqa: E402
@@ -51,17 +51,17 @@ def write_cache(root: Path, utterances: int, frames: int, fmt: str = "hdf5", par
     claim_section(root, "audio", {"format": fmt, "features": {"recipe": "random", "dims": DIMS}})
     claim_section(root, "clip", {"model": "random", "embed_dim": EMBED_DIM, "format": fmt})
     for start in range(0, utterances, part_size):
-        with PartWriter(root / "audio", start // part_size, fmt, DIMS) as writer:
+        with PartWriter(root / AUDIO_STORE, start // part_size, fmt, DIMS) as writer:
             for r in records[start:start + part_size]:
                 writer.add(r["utt_id"], rng.standard_normal((frames, DIMS), dtype=np.float32))
     image_ids, caption_ids = [f"i{k:07d}" for k in range(images)], [r["caption_id"] for r in records]
-    for store, keys in (("images", image_ids), ("texts", caption_ids)):
+    for store, keys in ((IMAGE_STORE, image_ids), (TEXT_STORE, caption_ids)):
         emb = rng.standard_normal((len(keys), EMBED_DIM), dtype=np.float32)
         emb /= np.linalg.norm(emb, axis=1, keepdims=True)
         with PartWriter(root / store, 0, fmt, EMBED_DIM) as writer:
             for key, row in zip(keys, emb):
                 writer.add(key, row[None])
-    for store in ("audio", "images", "texts"):
+    for store in (AUDIO_STORE, IMAGE_STORE, TEXT_STORE):
         build_index(root / store)
     marker.write_text(json.dumps(wanted))
     return root

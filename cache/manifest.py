@@ -20,6 +20,12 @@ FAILURES = "failures.jsonl"
 RECORDS_STAGE = "extract-audio"
 FAILURE_KEYS = ("stage", "id", "reason")  # required; "path" is optional (keyword prompts have none)
 _LOCK = ".cache.json.lock"
+# The stores (folders of parts) in a cache, and what the stages write beside their parts
+AUDIO_STORE = "audio"                # extract-audio: features per utterance
+IMAGE_STORE = "images"               # embed-images: CLIP image embedding per image id
+TEXT_STORE = "texts"                 # ... written caption embedding per caption id
+KEYWORD_STORE = "keywords"           # ... keyword prompt embedding per keyword
+SPEAKER_CMVN = "speaker_cmvn.json"   # AUDIO_STORE/: per-speaker statistics (features normalised by speaker)
 
 
 class CacheMismatchError(ValueError):

@@ -17,8 +17,8 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from cache.manifest import (CacheMismatchError, atomic_write_json, claim_section, read_manifest,
-                            record_stage_failures, settings_diff)
+from cache.manifest import (IMAGE_STORE, KEYWORD_STORE, TEXT_STORE, CacheMismatchError, atomic_write_json,
+                            claim_section, read_manifest, record_stage_failures, settings_diff)
 from cache.store import (FAILURES_DIR, FORMATS, INDEX_FILE, PartWriter, build_index, completed_parts,
                          failures_path, plan_parts, read_store_json, recorded_failures, remove_leftovers,
                          store_settings_diff)
@@ -29,7 +29,6 @@ from pipeline.keywords import DEFAULT_PROMPT, load_keywords
 from pipeline.versions import versions
 
 log = logging.getLogger(__name__)
-IMAGE_STORE, TEXT_STORE, KEYWORD_STORE = "images", "texts", "keywords"
 SCHEMAS = ("local-dir:", "hf-hub:")
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")   # tags may hold dots, paths these
 RANDOM_INIT_SEED = 0               # random weights are seeded: all shards of a cache get the same model

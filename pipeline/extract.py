@@ -17,8 +17,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from cache.manifest import (RECORDS, CacheMismatchError, atomic_write_json, claim_section, read_manifest,
-                            read_records, record_stage_failures, settings_diff, write_records)
+from cache.manifest import (AUDIO_STORE, RECORDS, SPEAKER_CMVN, CacheMismatchError, atomic_write_json,
+                            claim_section, read_manifest, read_records, record_stage_failures, settings_diff,
+                            write_records)
 from cache.reader import StoreReader
 from cache.store import (FAILURES_DIR, FORMATS, STORE_JSON, PartWriter, build_index, completed_parts,
                          failures_path, part_path, plan_parts, recorded_failures, remove_leftovers,
@@ -28,12 +29,10 @@ from pipeline.corpus import Corpus, read_corpus
 from pipeline.features import NORM_EPS, compute_batch, get_recipe, prepare
 from pipeline.versions import versions
 
-AUDIO_STORE = "audio"
 STORE_DTYPE = "float16"
 DEFAULT_PART_SIZE = 500      # utterances per part: the unit of resume and sharding
 CPU_BATCH = 8                # utterances per feature call in a worker: amortises torch's per-op overhead
 WINDOW = 64                  # utterances a worker decodes, then computes in length-sorted batches
-SPEAKER_CMVN = "speaker_cmvn.json"  # STORE/speaker_cmvn.json; trainer/data.py reads the same name
 META_KEYS = ("image_id", "caption_id", "caption", "speaker", "split")  # stored with each utterance
 
 

@@ -18,7 +18,8 @@ from cache.reader import StoreReader
 from cache.store import PartWriter, completed_parts
 from cli import main
 from corpora import write_tiny_flickr
-from pipeline.embed import IMAGE_STORE, KEYWORD_STORE, TEXT_STORE, EmbedConfig, embed_images
+from cache.manifest import IMAGE_STORE, KEYWORD_STORE, TEXT_STORE
+from pipeline.embed import EmbedConfig, embed_images
 from pipeline.images import ImageFiles, decode_on_device, open_rgb
 
 FP16_ATOL = 1e-3    # unit vectors stored as float16: elements <= 1 round by at most 2**-11

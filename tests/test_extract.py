@@ -22,7 +22,8 @@ from cache.store import PartWriter, build_index, completed_parts, plan_parts, un
 from cli import main
 from corpora import speechlike, write_tiny_flickr
 from pipeline.audio import load_audio
-from pipeline.extract import AUDIO_STORE, SPEAKER_CMVN, ExtractConfig, TooManyFailures, extract_audio
+from cache.manifest import AUDIO_STORE, SPEAKER_CMVN
+from pipeline.extract import ExtractConfig, TooManyFailures, extract_audio
 from pipeline.features import cmvn_stats, compute, get_recipe
 from trainer.data import load_split
 

@@ -143,7 +143,6 @@ def test_recall_summary_and_chance():
     assert chance_recall(50, mixed, 5) == pytest.approx(np.mean([chance_recall(50, m, 5) for m in mixed]))
 
 
-
 def test_retrieval_chance_is_what_random_embeddings_score():
     """The chance column (evaluate's table and the report) against the mean recall of random embeddings on
     a split whose images have 1 or 9 captions (image->X R@5: 56 %, where 3 captions per image would give 84)."""
@@ -164,6 +163,7 @@ def test_retrieval_chance_is_what_random_embeddings_score():
             assert abs(observed - expected) < 5 * sigma + 0.5, (pair, k, observed, expected)
     assert retrieval_chance(d["audio_image_ids"], len(d["image_ids"]))["image_to_text"] == {
         1: None, 5: None, 10: None}
+
 
 # ----------------------------------------------------------------------------- keyword spotting
 

@@ -13,13 +13,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cache.manifest import read_manifest, read_records
+from cache.manifest import (AUDIO_STORE, IMAGE_STORE, KEYWORD_STORE, SPEAKER_CMVN, TEXT_STORE, read_manifest,
+                            read_records)
 from cache.reader import StoreReader
 from trainer.sampler import LengthBucketBatchSampler, local_slice
 from trainer.schedule import batch_size_at
-
-AUDIO, IMAGES, TEXTS, KEYWORDS = "audio", "images", "texts", "keywords"
-SPEAKER_CMVN = "speaker_cmvn.json"  # written into CACHE/audio by extract-audio (pipeline/extract.py)
 
 
 @dataclass
@@ -78,7 +76,7 @@ def check_cache(cache: Path) -> dict:
         if section not in manifest:
             raise FileNotFoundError(f"{cache}: no {section} section in cache.json; run `clipspeech {stage} "
                                     f"--cache {cache}` first")
-    for store in (AUDIO, IMAGES, TEXTS):
+    for store in (AUDIO_STORE, IMAGE_STORE, TEXT_STORE):
         if not any((cache / store / name).is_file() for name in ("index.h5", "index.json")):
             raise FileNotFoundError(f"{cache / store}: no index; the stage that writes it has not finished "
                                     "(rerun it, or with --index-only after all --shard jobs)")
@@ -101,7 +99,7 @@ def apply_speaker_cmvn(cache: Path, features: np.ndarray, offsets: np.ndarray, s
     """Speaker-level mean/variance normalisation (mfcc-kaldi with normalisation=speaker): utterance i, rows
     offsets[i]:offsets[i+1] of features [total_frames, D], becomes (x - mean) / (std + eps) with the [D]
     statistics of speakers[i] from CACHE/audio/speaker_cmvn.json. Returns a new float16 array."""
-    path = Path(cache) / AUDIO / SPEAKER_CMVN
+    path = Path(cache) / AUDIO_STORE / SPEAKER_CMVN
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: these features need per-speaker statistics, which "
                                 "extract-audio writes with its index; run it on this cache again "
@@ -128,8 +126,8 @@ def load_split(cache: str | Path, split: str, device: str | torch.device = "cpu"
     cache = Path(cache)
     manifest = check_cache(cache)
     records = [r for r in read_records(cache) if r["split"] == split]
-    audio = StoreReader(cache / AUDIO)
-    with StoreReader(cache / IMAGES) as image_store, StoreReader(cache / TEXTS) as text_store:
+    audio = StoreReader(cache / AUDIO_STORE)
+    with StoreReader(cache / IMAGE_STORE) as image_store, StoreReader(cache / TEXT_STORE) as text_store:
         usable = [r for r in records if r["utt_id"] in audio and r["image_id"] in image_store
                   and r["caption_id"] in text_store]
         image_ids = list(dict.fromkeys(r["image_id"] for r in usable))
@@ -164,7 +162,7 @@ def load_split(cache: str | Path, split: str, device: str | torch.device = "cpu"
 def load_keywords(cache: str | Path, device: str | torch.device = "cpu"
                   ) -> tuple[list[str], torch.Tensor, dict]:
     """(words, prompt embeddings [K, E] float32, store attrs) from CACHE/keywords."""
-    store = Path(cache) / KEYWORDS
+    store = Path(cache) / KEYWORD_STORE
     if not store.is_dir():
         raise FileNotFoundError(f"{store}: no keyword embeddings; run `clipspeech embed-images` on this "
                                 "cache")

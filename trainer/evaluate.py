@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cache.manifest import atomic_write_json, read_manifest, read_records
+from cache.manifest import TEXT_STORE, atomic_write_json, read_manifest, read_records
 from cache.reader import StoreReader
-from trainer.data import TEXTS, SplitData, load_keywords, load_split
+from trainer.data import SplitData, load_keywords, load_split
 from trainer.metrics import keyword_chance, keyword_relevance, keyword_spotting, retrieval_chance, six_way_retrieval
 from trainer.precision import autocast
 
@@ -83,7 +83,7 @@ def _split_texts(cache: Path, split: str, device) -> tuple[list[str], list[str],
     for r in read_records(cache):
         if r["split"] == split:
             captions.setdefault(r["caption_id"], r["image_id"])
-    reader = StoreReader(cache / TEXTS)
+    reader = StoreReader(cache / TEXT_STORE)
     ids = [c for c in captions if c in reader]
     array, _, _ = reader.load_all(ids)
     reader.close()

@@ -31,10 +31,10 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from cache.manifest import read_manifest
+from cache.manifest import AUDIO_STORE, read_manifest
 from cache.reader import StoreReader
 from cache.store import SIZES_JSON, completed_parts, unescape_key
-from trainer.data import AUDIO, Batch, SplitData, apply_speaker_cmvn, padded_frames
+from trainer.data import Batch, SplitData, apply_speaker_cmvn, padded_frames
 from trainer.sampler import LengthBucketBatchSampler
 from trainer.schedule import batch_size_at
 
@@ -61,7 +61,7 @@ def shard_plan(cache: str | Path, data: SplitData) -> ShardPlan:
     """The streaming layout of `data` (a split loaded with features=False) over CACHE/audio's shards."""
     cache = Path(cache)
     manifest = read_manifest(cache)
-    store = cache / AUDIO
+    store = cache / AUDIO_STORE
     fmt = manifest.get("audio", {}).get("format")
     if fmt != "wds" or not (store / SIZES_JSON).is_file():
         raise ValueError(f"{cache}: --data-mode stream reads WebDataset shards, but this cache's audio store "
@@ -199,7 +199,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         first = (self.start_step + (info.id if info else 0)) // self.roles   # j of this reader's first batch
         generation, pass_, skip, j = self.positions.get(role, (self.generation, 0, 0, first))
         assert j == first, f"resume position of role {role} is at batch {j}, the step needs {first}"
-        position, store = self.plan.position(), StoreReader(Path(self.plan.cache) / AUDIO)
+        position, store = self.plan.position(), StoreReader(Path(self.plan.cache) / AUDIO_STORE)
 
         def local_size(jj: int) -> int:
             return batch_size_at(role + jj * self.roles, self.schedule) // self.world
@@ -254,7 +254,7 @@ class StreamBatches:
         self.plan = shard_plan(cache, data)
         shards = len(self.plan.paths)
         if shards < world:
-            raise ValueError(f"{Path(cache) / AUDIO}: {shards} shards hold training utterances, fewer than "
+            raise ValueError(f"{Path(cache) / AUDIO_STORE}: {shards} shards hold training utterances, fewer than "
                              f"the {world} processes: a rank without a shard would leave the others waiting "
                              "forever; use fewer processes, or extract the cache again with a smaller "
                              "--part-size")
