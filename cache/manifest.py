@@ -153,15 +153,21 @@ def _same_number(a: Any, b: Any) -> bool:
 
 
 @contextlib.contextmanager
-def _manifest_lock(cache_dir: pathlib.Path) -> Iterator[None]:
-    # Stages of one cache may run at once (shards, audio next to images): the read-modify-write of the
-    # manifest must not lose a section that another process added meanwhile.
-    with open(cache_dir / _LOCK, "a") as lock:
+def file_lock(path) -> Iterator[None]:
+    """An exclusive lock (flock) on the file `path`, created if needed; the kernel drops it when its holder
+    dies, so a killed stage never leaves a lock behind."""
+    with open(path, "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             yield
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _manifest_lock(cache_dir: pathlib.Path):
+    # Stages of one cache may run at once (shards, audio next to images): the read-modify-write of the
+    # manifest must not lose a section that another process added meanwhile.
+    return file_lock(cache_dir / _LOCK)
 
 
 def claim_section(cache_dir, section: str, settings: dict, fix: str = "") -> None:
@@ -222,28 +228,6 @@ def read_records(cache_dir) -> list[dict]:
         raise FileNotFoundError(f"{path} not found: it is written by the {RECORDS_STAGE} stage; run that "
                                 f"stage on this cache first")
     return _read_jsonl(path, tolerate_torn_tail=False)
-
-
-def append_failures(cache_dir, failures: Iterable[dict]) -> None:
-    """Append failed items, one JSON line each {"stage", "id", "path", "reason"}, to failures.jsonl.
-
-    All lines go out in one write on an O_APPEND file, so processes appending at once do not interleave
-    within a line (on a local file system).
-    """
-    lines = _failure_lines(failures)
-    if not lines:
-        return
-    cache_dir = pathlib.Path(cache_dir)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    with _manifest_lock(cache_dir):
-        fd = os.open(cache_dir / FAILURES, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            data = "".join(lines).encode("utf-8")
-            while data:
-                data = data[os.write(fd, data):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def _failure_lines(failures: Iterable[dict], stage: str | None = None) -> list[str]:

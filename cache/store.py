@@ -15,7 +15,8 @@ import time
 import h5py
 import numpy as np
 
-from cache.manifest import atomic_target, atomic_write_json, atomic_write_text, fsync_path, settings_diff, to_json
+from cache.manifest import (atomic_target, atomic_write_json, atomic_write_text, file_lock, fsync_path, settings_diff,
+                            to_json)
 
 FORMATS = ("hdf5", "wds")
 DTYPES = ("float16", "float32")
@@ -29,8 +30,8 @@ FAILURES_DIR = "failures"  # STORE/failures/part-00012.json: a part's failures, 
 
 _SUFFIX = {"hdf5": ".h5", "wds": ".tar"}
 _PART_RE = re.compile(r"^part-(\d{5,})\.(h5|tar)$")
-_TEMP_RE = re.compile(r"^(?:part-\d{5,}\.(?:h5|tar)|index\.h5|index\.json|sizes\.json|store\.json)"
-                      r"\.tmp-[\w-]+$")
+_INDEX_LOCK = ".index.lock"
+_INDEX_TEMP_RE = re.compile(r"^(?:index\.h5|index\.json|sizes\.json)\.tmp-[\w-]+$")
 _ESCAPES = {"%": "%25", ".": "%2E", "/": "%2F"}
 _CHUNK_BYTES = 1 << 20  # HDF5's default chunk cache is 1 MiB: a chunk that fits is cached between get()s
 _FLUSH_BYTES = 16 << 20  # the hdf5 writer appends to the resizable dataset in blocks of about this size
@@ -299,26 +300,22 @@ def completed_parts(store_dir) -> dict[int, pathlib.Path]:
     return dict(found)
 
 
-def remove_temporaries(store_dir) -> int:
-    """Delete what killed writers left in `store_dir`; returns how many files. Only call it when no
-    writer of this store is running (a live writer's temporary file would go too)."""
-    store_dir = pathlib.Path(store_dir)
-    if not store_dir.is_dir():
-        return 0
-    removed = 0
-    for path in store_dir.iterdir():
-        if _TEMP_RE.match(path.name) and path.is_file():
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
-                removed += 1
-    return removed
-
-
 def build_index(store_dir) -> int:
     """Index every completed part (ids, part, row, frames; for wds the byte offsets); returns the item
-    count. Writes index.h5 (hdf5) or sizes.json + index.json (wds), atomically."""
+    count. Writes index.h5 (hdf5) or sizes.json + index.json (wds), atomically.
+
+    One builder at a time per store (shard jobs that finish together may both build it): under the store's
+    lock, index temporaries can only be a killed builder's, and are removed."""
     store_dir = pathlib.Path(store_dir)
-    settings = read_store_json(store_dir)
+    settings = read_store_json(store_dir)   # first: its error names the store and the fix
+    with file_lock(store_dir / _INDEX_LOCK):
+        for path in store_dir.iterdir():
+            if _INDEX_TEMP_RE.match(path.name):
+                path.unlink(missing_ok=True)
+        return _build_index(store_dir, settings)
+
+
+def _build_index(store_dir: pathlib.Path, settings: dict) -> int:
     fmt, dims, dtype = settings["format"], settings["dims"], np.dtype(settings["dtype"])
     ids: list[str] = []
     columns: dict[str, list] = collections.defaultdict(list)

@@ -108,7 +108,7 @@ class MfccKaldiConfig(_Recipe):
     high_freq: float = 0.0  # Hz; <= 0 is an offset from Nyquist, as in Kaldi
     delta_window: int = 2  # frames each side (Kaldi add-deltas --delta-window)
     wave_scale: float = 32768.0  # Kaldi reads 16-bit PCM as integers: scale [-1, 1] audio to that range
-    normalisation: str = "utterance"  # "utterance" | "speaker" (raw out; see cmvn_stats) | "none"
+    normalisation: str = "utterance"  # "utterance" | "speaker" (raw; extract writes speaker_cmvn.json) | "none"
 
     def _validate(self) -> None:
         _check(self.num_mel_bins > 3, "num_mel_bins", self.num_mel_bins, "an int > 3")
@@ -333,19 +333,6 @@ def _kaldi_batch(waves: torch.Tensor, n_samples: torch.Tensor, cfg: MfccKaldiCon
     d2, = _smooth(d1, n_frames, [taps], hold_edges=False)
     feats = torch.cat([ceps, d1, d2], dim=2)
     return (_mvn(feats, n_frames) if cfg.normalisation == "utterance" else feats), n_frames
-
-
-def cmvn_stats(feats_list: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pooled per-dim mean and std (ddof=0) [D] over all frames of [T_i, D] arrays (e.g. one speaker's)."""
-    if not feats_list:
-        raise ValueError("cmvn_stats needs at least one feature array")
-    x = torch.cat([f.double() for f in feats_list], dim=0)
-    return x.mean(0).float(), x.std(0, correction=0).float()
-
-
-def apply_cmvn(feats: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """[T, D] -> (feats - mean) / (std + NORM_EPS), the same formula as per-utterance normalisation."""
-    return (feats - mean) / (std + NORM_EPS)
 
 
 # ---- fbank ----

@@ -11,12 +11,11 @@ import h5py
 import numpy as np
 import pytest
 
-from cache.manifest import (MANIFEST, CacheMismatchError, append_failures, atomic_write_text, claim_section,
-                            read_failures, read_manifest, read_records, record_stage_failures, settings_diff,
-                            write_records)
+from cache.manifest import (MANIFEST, CacheMismatchError, atomic_write_text, claim_section, read_failures,
+                            read_manifest, read_records, record_stage_failures, settings_diff, write_records)
 from cache.reader import StoreReader
-from cache.store import (FORMATS, PartWriter, build_index, completed_parts, escape_key, part_path,
-                         remove_temporaries, unescape_key)
+from cache.store import (FORMATS, PartWriter, build_index, completed_parts, escape_key, part_path, remove_leftovers,
+                         unescape_key)
 
 DIMS = 7
 TRICKY = ["1000_aa.wav", "a/b/c.d", "100%", "%2E", "café.ünïcode/日本", "..", "__x__", "a b"]
@@ -153,8 +152,22 @@ def test_leftover_temporary_is_not_a_part_and_is_removed(tmp_path, fmt):
     assert leftovers == [f"{part_path(store, 3, fmt).name}.tmp-{child.pid}"]
     assert list(completed_parts(store)) == [0]
     assert build_index(store) == 0 and len(StoreReader(store)) == 0
-    assert remove_temporaries(store) == 1
+    assert [p.name for p in store.iterdir() if ".tmp-" in p.name] == leftovers   # maybe a live writer's
+    remove_leftovers(store, [3], fmt)   # what a stage does before it writes part 3 again
     assert not [p for p in store.iterdir() if ".tmp-" in p.name]
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_build_index_removes_a_killed_builders_temporaries_only(tmp_path, fmt):
+    store = tmp_path / "s"
+    with PartWriter(store, 0, fmt, DIMS) as writer:
+        writer.add("a", np.ones((3, DIMS)))
+    dead = ["index.h5.tmp-k1l2", "index.json.tmp-x_9", "sizes.json.tmp-abc"]   # a builder killed mid-write
+    alive = f"{part_path(store, 1, fmt).name}.tmp-4242"                          # a writer may own this one
+    for name in dead + [alive]:
+        (store / name).write_bytes(b"half")
+    assert build_index(store) == 1 and StoreReader(store).get("a").shape == (3, DIMS)
+    assert [p.name for p in store.iterdir() if ".tmp-" in p.name] == [alive]
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -315,13 +328,15 @@ def test_records_round_trip_and_missing_file(tmp_path):
     assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
 
 
-def test_failures_append_and_tolerate_a_torn_last_line(tmp_path):
+def test_failures_need_their_keys_and_tolerate_a_torn_last_line(tmp_path):
     assert read_failures(tmp_path) == []
-    append_failures(tmp_path, [{"stage": "extract-audio", "id": "u1", "path": "/a.wav", "reason": "empty"}])
-    append_failures(tmp_path, iter([{"stage": "embed-images", "id": "i1", "reason": "bad jpeg"}]))
-    append_failures(tmp_path, [])
+    record_stage_failures(tmp_path, "extract-audio",
+                          [{"stage": "extract-audio", "id": "u1", "path": "/a.wav", "reason": "empty"}])
+    record_stage_failures(tmp_path, "embed-images", iter([{"stage": "embed-images", "id": "i1",
+                                                           "reason": "bad jpeg"}]))
+    record_stage_failures(tmp_path, "x", [])
     with pytest.raises(ValueError, match="reason"):
-        append_failures(tmp_path, [{"stage": "x", "id": "y"}])
+        record_stage_failures(tmp_path, "x", [{"stage": "x", "id": "y"}])
     with open(tmp_path / "failures.jsonl", "a") as f:
         f.write('{"stage": "extract-au')  # a writer killed mid-line
     assert read_failures(tmp_path) == [
@@ -330,7 +345,8 @@ def test_failures_append_and_tolerate_a_torn_last_line(tmp_path):
 
 
 def test_record_stage_failures_replaces_only_that_stage(tmp_path):
-    append_failures(tmp_path, [{"stage": "images", "id": "i1", "path": "/i1.jpg", "reason": "truncated"}])
+    record_stage_failures(tmp_path, "images",
+                          [{"stage": "images", "id": "i1", "path": "/i1.jpg", "reason": "truncated"}])
     first = [{"stage": "audio", "id": f"u{i}", "path": f"/u{i}.wav", "reason": "empty"} for i in range(3)]
     record_stage_failures(tmp_path, "audio", first)
     record_stage_failures(tmp_path, "audio", first[1:])  # a rerun re-reports what still fails

@@ -8,9 +8,8 @@ import torch
 import torchaudio
 
 from pipeline.audio import SAMPLE_RATE, AudioError
-from pipeline.features import (RECIPES, FbankConfig, MfccKaldiConfig, MfccSeedConfig, apply_cmvn, cmvn_stats,
-                               compute, compute_batch, fbank, get_recipe, mfcc_kaldi, mfcc_seed, prepare,
-                               recipe_from_dict)
+from pipeline.features import (RECIPES, FbankConfig, MfccKaldiConfig, MfccSeedConfig, compute, compute_batch,
+                               fbank, get_recipe, mfcc_kaldi, mfcc_seed, prepare, recipe_from_dict)
 
 
 def speech_like(seconds: float, seed: int, lead: float = 0.4, tail: float = 0.3) -> torch.Tensor:
@@ -106,20 +105,6 @@ def test_mfcc_kaldi_normalisation_modes():
     assert utt.shape == raw.shape and MfccKaldiConfig().dims == 39
     torch.testing.assert_close(utt, (raw - raw.mean(0)) / (raw.std(0, correction=0) + 1e-5),
                                rtol=1e-4, atol=1e-4)
-
-
-def test_cmvn_pools_frames_over_utterances():
-    cfg = MfccKaldiConfig(normalisation="speaker")
-    feats = [compute(cfg, speech_like(s, seed=10 + i)) for i, s in enumerate((1.0, 2.0, 0.7))]
-    mean, std = cmvn_stats(feats)
-    pooled = np.concatenate([f.numpy().astype(np.float64) for f in feats])
-    np.testing.assert_allclose(mean.numpy(), pooled.mean(0), rtol=1e-5, atol=1e-4)
-    np.testing.assert_allclose(std.numpy(), pooled.std(0), rtol=1e-5)
-    normed = torch.cat([apply_cmvn(f, mean, std) for f in feats])
-    torch.testing.assert_close(normed.mean(0), torch.zeros(39), atol=1e-4, rtol=0)
-    torch.testing.assert_close(normed.std(0, correction=0), torch.ones(39), atol=1e-3, rtol=0)
-    with pytest.raises(ValueError):
-        cmvn_stats([])
 
 
 @pytest.mark.parametrize("n_mels", [40, 80])

@@ -14,7 +14,15 @@ from PIL import Image, ImageDraw
 
 from pipeline.demo import teacher
 from pipeline.demo.teacher import (CONFIG_FILE, METRICS_FILE, WEIGHTS_FILE, TeacherConfig, fit_teacher,
-                                   load_teacher, retrieval_recall, save_teacher, train_teacher)
+                                   retrieval_recall, save_teacher, train_teacher)
+from pipeline.embed import load_teacher as load_for_embedding
+
+
+def load_teacher(folder):
+    """A saved teacher as embed-images loads it (--model local-dir:FOLDER): (model, preprocess, tokenizer)."""
+    model, preprocess, tokenizer, _ = load_for_embedding(f"local-dir:{folder}", None)
+    return model, preprocess, tokenizer
+
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 180, 40), "blue": (30, 60, 220), "yellow": (240, 220, 30)}
 BACKGROUNDS = {"white": (245, 245, 245), "black": (15, 15, 15), "grey": (128, 128, 128)}
@@ -116,7 +124,7 @@ def test_local_dir_reload_matches_the_in_memory_model(short, corpus, tmp_path):
         torch.testing.assert_close(loaded.encode_text(tokens), model.encode_text(tokens), atol=1e-6, rtol=0)
         assert loaded.logit_scale.item() == pytest.approx(model.logit_scale.item(), abs=1e-6)
 
-    # the convenience wrapper goes through the same path
+    # embed-images' loader (--model local-dir:) gives the same model
     model2, _, tokenizer2 = load_teacher(out)
     assert not model2.training
     assert torch.equal(tokenizer2(captions), tokens)
@@ -141,7 +149,7 @@ def test_round_trip_of_an_untrained_model(tmp_path, name):
     model = teacher.build_model(TeacherConfig(model=name, image_size=32, seed=5)).eval()
     out = save_teacher(model, tmp_path / "t", {"note": "untrained"}, name)
     assert json.loads((out / CONFIG_FILE).read_text())["model_cfg"]["vision_cfg"]["image_size"] == 32
-    loaded, preprocess, tokenizer = load_teacher(f"local-dir:{out}")
+    loaded, preprocess, tokenizer = load_teacher(out)
     images = torch.randn(3, 3, 32, 32)
     tokens = tokenizer(["a red circle on blue", "a green square", "grey"])
     with torch.no_grad():

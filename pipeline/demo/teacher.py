@@ -394,15 +394,3 @@ def fit_teacher(train: list[tuple[str, list[str]]], test: list[tuple[str, list[s
           f"image->text R@1/5/10 {i2t['R@1']:.0f}/{i2t['R@5']:.0f}/{i2t['R@10']:.0f}, text->image "
           f"{t2i['R@1']:.0f}/{t2i['R@5']:.0f}/{t2i['R@10']:.0f} -> {out_dir}")
     return metrics
-
-
-def load_teacher(path_or_dir: str | Path, device: str | torch.device = "cpu"):
-    """(model in eval mode, image preprocess, tokenizer) of a saved teacher, through open_clip's "local-dir:"
-    path; accepts the folder or "local-dir:FOLDER"."""
-    folder = Path(str(path_or_dir).removeprefix(open_clip.factory.LOCAL_DIR_PREFIX))
-    if not (folder / CONFIG_FILE).is_file():
-        raise FileNotFoundError(f"no teacher at {folder} ({CONFIG_FILE} missing); fit one with fit_teacher "
-                                f"or pass the folder that holds {CONFIG_FILE}")
-    name = f"{open_clip.factory.LOCAL_DIR_PREFIX}{folder}"
-    model, _, preprocess = open_clip.create_model_and_transforms(name, device=device)
-    return model.eval(), preprocess, open_clip.get_tokenizer(name)
