@@ -38,6 +38,8 @@ def load_audio(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE) -> torch
     path = Path(path)
     if not path.is_file():
         raise AudioError("missing file", path)
+    if path.stat().st_size == 0:   # soundfile would call it "unreadable: format not recognised"
+        raise AudioError("empty file (0 bytes)", path)
     try:
         data, file_rate = soundfile.read(str(path), dtype="float32", always_2d=True)  # [S, C]
     except (soundfile.SoundFileError, RuntimeError, TypeError, ValueError) as err:

@@ -66,13 +66,21 @@ def test_empty_file(tmp_path: Path):
     assert info.value.reason == "empty (0 samples)" and str(path) in str(info.value)
 
 
-@pytest.mark.parametrize("content", [b"RIFF\x00\x00 this is not a wave file" * 10, b""])
+@pytest.mark.parametrize("content", [b"RIFF\x00\x00 this is not a wave file" * 10, b"RIFF"])
 def test_corrupt_file_is_unreadable_and_named(tmp_path: Path, content: bytes):
     path = tmp_path / "broken.wav"
     path.write_bytes(content)
     with pytest.raises(AudioError) as info:
         load_audio(path)
     assert info.value.reason.startswith("unreadable: ") and str(path) in str(info.value)
+
+
+def test_zero_byte_file_is_called_empty_not_unreadable(tmp_path: Path):
+    path = tmp_path / "zero.wav"
+    path.write_bytes(b"")
+    with pytest.raises(AudioError) as info:
+        load_audio(path)
+    assert info.value.reason == "empty file (0 bytes)" and str(path) in str(info.value)
 
 
 def test_nan_samples(tmp_path: Path):
