@@ -22,9 +22,11 @@ class Shard(click.ParamType):
             i, n = (int(x) for x in str(value).split("/"))
         except ValueError:
             self.fail(f"{value!r} is not I/N, e.g. 0/4 for the first of four jobs", param, ctx)
-        if not (n >= 1 and 0 <= i < n):
-            self.fail(f"{value!r}: need 0 <= I < N", param, ctx)
-        return i, n
+        from cache.store import check_shard
+        try:
+            return check_shard((i, n))
+        except ValueError as err:
+            self.fail(str(err), param, ctx)
 
 
 def _fail(message: str) -> None:

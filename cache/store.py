@@ -62,6 +62,20 @@ def plan_parts(n_items: int, part_size: int) -> list[range]:
     return [range(s, min(s + part_size, n_items)) for s in range(0, n_items, part_size)]
 
 
+def check_shard(shard: tuple[int, int]) -> tuple[int, int]:
+    """`shard` = (I, N), job I of N array jobs that write one store together; ValueError unless 0 <= I < N."""
+    i, n = shard
+    if not (n >= 1 and 0 <= i < n):
+        raise ValueError(f"--shard {i}/{n}: expected I/N with 0 <= I < N, e.g. 0/4")
+    return i, n
+
+
+def shard_parts(n_parts: int, shard: tuple[int, int]) -> list[int]:
+    """The part numbers that job I of N writes: part k belongs to job k % N."""
+    i, n = check_shard(shard)
+    return [k for k in range(n_parts) if k % n == i]
+
+
 def failures_path(store_dir, part: int) -> pathlib.Path:
     """STORE/failures/part-00012.json: the items part `part` could not hold, written before the part."""
     return pathlib.Path(store_dir) / FAILURES_DIR / f"part-{part:05d}.json"

@@ -19,9 +19,9 @@ import torch
 
 from cache.manifest import (IMAGE_STORE, KEYWORD_STORE, TEXT_STORE, CacheMismatchError, atomic_write_json,
                             claim_section, read_manifest, record_stage_failures, settings_diff)
-from cache.store import (FAILURES_DIR, FORMATS, INDEX_FILE, PartWriter, build_index, completed_parts,
+from cache.store import (FAILURES_DIR, FORMATS, INDEX_FILE, PartWriter, build_index, check_shard, completed_parts,
                          failures_path, plan_parts, read_store_json, recorded_failures, remove_leftovers,
-                         store_settings_diff)
+                         shard_parts, store_settings_diff)
 from pipeline.corpus import read_corpus
 from pipeline.extract import default_workers
 from pipeline.images import autocast, embed_image_files
@@ -65,9 +65,7 @@ class EmbedConfig:
         if "{}" not in self.prompt or "KEYWORD" not in filled:
             raise ValueError(f"--prompt {self.prompt!r}: give one '{{}}' where the keyword goes (and '{{{{' "
                              "for a literal brace), e.g. 'this is a photo of a {}'")
-        i, n = self.shard
-        if not (n >= 1 and 0 <= i < n):
-            raise ValueError(f"--shard {i}/{n}: expected I/N with 0 <= I < N, e.g. 0/4")
+        check_shard(self.shard)
         if self.batch_size < 1 or self.part_size < 1 or self.workers < 0:
             raise ValueError(f"--batch-size {self.batch_size} and --part-size {self.part_size} must be "
                              f"positive, --workers {self.workers} 0 or more")
@@ -241,8 +239,9 @@ def embed_images(cfg: EmbedConfig) -> EmbedSummary:
 
 
 def _plan(cfg: EmbedConfig, fmt: str, store: Path, keys: list[str], attrs: dict,
-          dims: int) -> tuple[list[range], list[int], dict]:
-    """Parts of cfg.part_size items in corpus order, this shard's missing ones and the store's attrs.
+          dims: int) -> tuple[list[range], list[int], dict, int]:
+    """Parts of cfg.part_size items in corpus order, this shard's missing ones, the store's attrs and how many
+    of this shard's parts are complete already.
 
     The attrs name the planned keys (sha1), so a rerun on a changed corpus is refused instead of resuming
     parts planned for another list; leftovers of killed writers of the missing parts are removed.
@@ -256,10 +255,10 @@ def _plan(cfg: EmbedConfig, fmt: str, store: Path, keys: list[str], attrs: dict,
                                  "software version?):\n  " + "\n  ".join(diffs) +
                                  f"\nFix: delete {store} to embed again, or use another --cache")
     done = completed_parts(store)
-    i, n = cfg.shard
-    todo = [k for k in range(len(parts)) if k % n == i and k not in done]
+    mine = shard_parts(len(parts), cfg.shard)
+    todo = [k for k in mine if k not in done]
     remove_leftovers(store, todo, fmt)   # only this shard's: other shards may be writing theirs right now
-    return parts, todo, attrs
+    return parts, todo, attrs, len(mine) - len(todo)
 
 
 def _finish_store(store: Path, n_parts: int) -> bool:
@@ -319,8 +318,8 @@ def _embed_image_store(cfg, fmt, teacher: Teacher, images: list[tuple[str, str]]
     store = cfg.cache / IMAGE_STORE
     (store / FAILURES_DIR).mkdir(parents=True, exist_ok=True)
     dims = teacher.identity["embed_dim"]
-    parts, todo, attrs = _plan(cfg, fmt, store, [key for key, _ in images], attrs, dims)
-    summary.parts_skipped += sum(1 for k in range(len(parts)) if k % cfg.shard[1] == cfg.shard[0]) - len(todo)
+    parts, todo, attrs, skipped = _plan(cfg, fmt, store, [key for key, _ in images], attrs, dims)
+    summary.parts_skipped += skipped
     jobs = [j for k in todo for j in parts[k]]   # item numbers, part after part
     size = teacher.identity["preprocess"]["size"]
     draft = (size if isinstance(size, int) else max(size)) if cfg.draft else None
@@ -368,8 +367,8 @@ def _embed_text_store(cfg, fmt, teacher: Teacher, captions: list[tuple[str, str]
     from tqdm import tqdm
     store = cfg.cache / TEXT_STORE
     dims = teacher.identity["embed_dim"]
-    parts, todo, attrs = _plan(cfg, fmt, store, [key for key, _ in captions], attrs, dims)
-    summary.parts_skipped += sum(1 for k in range(len(parts)) if k % cfg.shard[1] == cfg.shard[0]) - len(todo)
+    parts, todo, attrs, skipped = _plan(cfg, fmt, store, [key for key, _ in captions], attrs, dims)
+    summary.parts_skipped += skipped
     for k in tqdm(todo, unit="part", desc="embed captions", disable=not cfg.progress or len(todo) < 2):
         chunk = [captions[j] for j in parts[k]]
         emb = _encode_texts(teacher, [text for _, text in chunk], cfg)

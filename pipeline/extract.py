@@ -21,8 +21,8 @@ from cache.manifest import (AUDIO_STORE, RECORDS, SPEAKER_CMVN, CacheMismatchErr
                             claim_section, read_manifest, read_records, record_stage_failures, settings_diff,
                             write_records)
 from cache.reader import StoreReader
-from cache.store import (FAILURES_DIR, FORMATS, STORE_JSON, PartWriter, build_index, completed_parts,
-                         failures_path, part_path, plan_parts, recorded_failures, remove_leftovers,
+from cache.store import (FAILURES_DIR, FORMATS, STORE_JSON, PartWriter, build_index, check_shard, completed_parts,
+                         failures_path, part_path, plan_parts, recorded_failures, remove_leftovers, shard_parts,
                          store_settings_diff)
 from pipeline.audio import SAMPLE_RATE, AudioError, load_audio
 from pipeline.corpus import Corpus, read_corpus
@@ -62,9 +62,7 @@ class ExtractConfig:
         object.__setattr__(self, "cache", Path(self.cache).expanduser())
         if self.fmt not in FORMATS:
             raise ValueError(f"--format {self.fmt!r}: use one of {', '.join(FORMATS)}")
-        i, n = self.shard
-        if not (n >= 1 and 0 <= i < n):
-            raise ValueError(f"--shard {i}/{n}: expected I/N with 0 <= I < N, e.g. 0/4")
+        check_shard(self.shard)
         for name in ("workers", "part_size", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)}: need at least 1")
@@ -318,8 +316,7 @@ def extract_audio(cfg: ExtractConfig) -> ExtractSummary:
                              f"({_first(missing)}); run the --shard I/N jobs that write them (part k belongs "
                              "to job k % N), then --index-only again")
     else:
-        i, n = cfg.shard
-        mine = [k for k in range(len(plan)) if k % n == i]
+        mine = shard_parts(len(plan), cfg.shard)
         todo = [k for k in mine if k not in done]
         summary.parts_skipped = len(mine) - len(todo)
         (store / FAILURES_DIR).mkdir(parents=True, exist_ok=True)

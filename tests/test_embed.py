@@ -333,6 +333,8 @@ def test_resume_after_a_crash_and_shards(corpus, teacher, tmp_path, monkeypatch)
     assert reader.meta("red")["prompt"] == "a red thing" and reader.attrs["prompt"] == "a {} thing"
     with pytest.raises(ValueError, match="--prompt"):
         EmbedConfig(data=corpus, cache=sharded, model=teacher, prompt="a {word}")
+    with pytest.raises(ValueError, match="--shard 2/2: expected I/N with 0 <= I < N"):
+        EmbedConfig(data=corpus, cache=sharded, model=teacher, shard=(2, 2))
 
     # a crash in the middle of part 1 leaves part 0 complete and nothing of part 1
     crashed = tmp_path / "crashed"

@@ -156,6 +156,8 @@ def test_bad_options_fail_before_any_work_with_a_clear_message(tmp_path, corpus)
         (["--data", str(tmp_path / "nowhere")], "no such corpus file or folder"),
         (["--data", str(tmp_path)], "not a corpus clipspeech can read"),
         (["--data", str(corpus), "--device", "tpu"], "--device 'tpu': use cpu, cuda or cuda:N"),
+        (["--data", str(corpus), "--shard", "4/4"], "--shard 4/4: expected I/N with 0 <= I < N"),
+        (["--data", str(corpus), "--shard", "1-4"], "'1-4' is not I/N, e.g. 0/4"),
     ]
     if not torch.cuda.is_available():
         cases.append((["--data", str(corpus), "--device", "cuda"], "torch sees no CUDA device here"))
