@@ -3,7 +3,6 @@ captions each, espeak-ng speech of every caption, split lists, keywords, and the
 from __future__ import annotations
 
 import json
-import multiprocessing as mp
 import os
 import shutil
 import time
@@ -12,9 +11,9 @@ from pathlib import Path
 
 import numpy as np
 import PIL
-from tqdm import tqdm
 
 from pipeline.demo.captions import attribute_texts, captions_for, keywords
+from pipeline.demo.pool import run_jobs
 from pipeline.demo.scenes import Scene, draw_scene, sample_scene
 from pipeline.demo.speech import SAMPLE_RATE, SPEAKERS, SpeechJob, engine, synthesize_files
 
@@ -94,17 +93,8 @@ def _draw_one(job: tuple[str, dict, int, int, int]) -> None:
 
 
 def _draw_images(jobs: list[tuple[str, dict, int, int, int]], workers: int) -> None:
-    bar = tqdm(total=len(jobs), desc="images", unit="img", disable=None)
-    if workers == 1:
-        for job in jobs:
-            _draw_one(job)
-            bar.update()
-    else:
-        context = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-        with context.Pool(workers) as pool:
-            for _ in pool.imap_unordered(_draw_one, jobs, chunksize=16):
-                bar.update()
-    bar.close()
+    for _ in run_jobs(_draw_one, jobs, workers, "images", "img", chunksize=16):
+        pass
 
 
 def write_demo_corpus(cfg: DemoConfig) -> dict:
@@ -186,14 +176,9 @@ def read_scenes(out_dir: str | os.PathLike, split: str | None = None) -> dict[st
     path = Path(out_dir) / "scenes.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: missing; {out_dir} is not a demo corpus (write one with make-demo)")
-    scenes = {}
     with open(path, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                record = json.loads(line)
-                if split is None or record["split"] == split:
-                    scenes[record["image_id"]] = Scene.from_dict(record)
-    return scenes
+        records = [json.loads(line) for line in f if line.strip()]
+    return {r["image_id"]: Scene.from_dict(r) for r in records if split is None or r["split"] == split}
 
 
 def teacher_training_texts(out_dir: str | os.PathLike, template: str = "this is a photo of a {}",

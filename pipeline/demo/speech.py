@@ -6,7 +6,6 @@ import _ctypes
 import ctypes
 import functools
 import math
-import multiprocessing as mp
 import os
 import wave
 from dataclasses import dataclass
@@ -14,7 +13,8 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-from tqdm import tqdm
+
+from pipeline.demo.pool import run_jobs
 
 ESPEAK_SAMPLE_RATE = 22_050  # Hz: what espeak-ng synthesises
 SAMPLE_RATE = 16_000  # Hz: what the corpus stores, like the Flickr 8k Audio Caption Corpus
@@ -340,18 +340,5 @@ def synthesize_files(jobs: Sequence[SpeechJob], workers: int = 2, progress: bool
         raise ValueError(f"workers must be >= 1, got {workers}")
     for voice in sorted({job.speaker.voice for job in jobs}):
         engine().check_voice(voice)  # fail before starting a pool, with the voice's name
-    bar = tqdm(total=len(jobs), desc="speech", unit="utt", disable=None if progress else True)
-    counts: list[int] = []
-    if workers == 1:
-        for job in jobs:
-            counts.append(_write_job(job))
-            bar.update()
-    else:
-        # fork: workers start in milliseconds and need nothing re-imported; spawn where fork does not exist.
-        context = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-        with context.Pool(workers, initializer=_init_worker) as pool:
-            for n in pool.imap(_write_job, jobs, chunksize=8):
-                counts.append(n)
-                bar.update()
-    bar.close()
-    return counts
+    return list(run_jobs(_write_job, jobs, workers, "speech", "utt", chunksize=8, initializer=_init_worker,
+                         progress=progress))
