@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from trainer.schedule import batch_size_at, lr_at, parse_batch_schedule
+from trainer.schedule import batch_size_at, lr_at, parse_batch_schedule, run_lr
 
 
 def test_lr_warms_up_linearly_then_decays_to_zero():
@@ -36,6 +36,20 @@ def test_lr_without_warmup_starts_at_the_base_rate():
         lr_at(0, 1e-3, 20, 10)
     with pytest.raises(ValueError, match="step"):
         lr_at(-1, 1e-3, 0, 10)
+
+
+@pytest.mark.parametrize("warmup", [0, 1, 10, 50])
+def test_every_step_of_a_run_moves_the_weights(warmup):
+    """The rate the trainer uses at each of its steps: positive at the first and the last step, rising
+    to the base rate at the end of the warm-up, falling after it."""
+    base, steps = 1e-3, 100
+    rates = [run_lr(s, base, warmup, steps) for s in range(steps)]
+    assert min(rates) > 0
+    peak = max(warmup - 1, 0)
+    assert rates[peak] == pytest.approx(base, rel=1e-3)
+    assert all(a < b for a, b in zip(rates[:peak], rates[1:peak + 1]))
+    assert all(a > b for a, b in zip(rates[peak:], rates[peak + 1:]))
+    assert rates[-1] < 0.01 * base
 
 
 def test_batch_schedule_parses_and_applies():

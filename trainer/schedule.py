@@ -24,6 +24,13 @@ def lr_at(step: int, base_lr: float, warmup: int, total: int) -> float:
     return base_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def run_lr(step: int, base_lr: float, warmup: int, steps: int) -> float:
+    """Learning rate of optimiser step `step` (0-based) of a run of `steps` steps: lr_at over the points
+    1..steps of a schedule of steps + 1, so that neither the first step (warm-up at 0) nor the last (cosine
+    at 0) is taken at rate 0."""
+    return lr_at(step + 1, base_lr, min(warmup, steps), steps + 1)
+
+
 def parse_batch_schedule(text: str) -> list[tuple[int, int]]:
     """"64:2000,256:4000,1024" -> [(0, 64), (2000, 256), (4000, 1024)]: (first step, batch size) pairs.
 

@@ -28,7 +28,7 @@ from trainer.loss import ImagesAsClassesLoss
 from trainer.model import CnnTransformer, EncoderConfig, conv_stack
 from trainer.plots import plot_curves, read_log
 from trainer.precision import autocast, pick_device
-from trainer.schedule import lr_at
+from trainer.schedule import run_lr
 
 
 def encoder_config(cfg: TrainConfig, input_dim: int, out_dim: int) -> EncoderConfig:
@@ -131,7 +131,7 @@ def advance(run: Run) -> tuple[torch.Tensor, int]:
     """The loop body: learning rate of the step, next batch, `fit_step`. -> (loss on the device, global
     batch size)."""
     cfg = run.cfg
-    lr = lr_at(run.step + 1, cfg.lr, min(cfg.warmup, cfg.steps), cfg.steps)   # step 0 at lr 0 is wasted
+    lr = run_lr(run.step, cfg.lr, cfg.warmup, cfg.steps)
     for group in run.optimizer.param_groups:
         group["lr"] = lr
     batch = run.source.next(run.step)
