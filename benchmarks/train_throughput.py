@@ -23,8 +23,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from cache.index import build_index  # noqa: E402
 from cache.manifest import AUDIO_STORE, IMAGE_STORE, TEXT_STORE, claim_section, write_records  # noqa: E402
-from cache.store import PartWriter, build_index  # noqa: E402
+from cache.store import PartWriter  # noqa: E402
 from trainer.config import TrainConfig  # noqa: E402
 from trainer.data import Batch  # noqa: E402
 from trainer.train import advance, build_run, fit_step  # noqa: E402

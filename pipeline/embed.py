@@ -17,9 +17,10 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from cache.index import build_index
 from cache.manifest import (IMAGE_STORE, KEYWORD_STORE, TEXT_STORE, CacheMismatchError, atomic_write_json,
                             claim_section, read_manifest, record_stage_failures, settings_diff)
-from cache.store import (FAILURES_DIR, FORMATS, INDEX_FILE, PartWriter, build_index, check_shard, completed_parts,
+from cache.store import (FAILURES_DIR, FORMATS, INDEX_FILE, PartWriter, check_shard, completed_parts,
                          failures_path, plan_parts, read_store_json, recorded_failures, remove_leftovers,
                          shard_parts, store_settings_diff)
 from pipeline.corpus import read_corpus

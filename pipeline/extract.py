@@ -17,23 +17,19 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from cache.index import build_index
 from cache.manifest import (AUDIO_STORE, RECORDS, SPEAKER_CMVN, CacheMismatchError, atomic_write_json,
                             claim_section, read_manifest, read_records, record_stage_failures, settings_diff,
                             write_records)
 from cache.reader import StoreReader
-from cache.store import (FAILURES_DIR, FORMATS, STORE_JSON, PartWriter, build_index, check_shard, completed_parts,
-                         failures_path, part_path, plan_parts, recorded_failures, remove_leftovers, shard_parts,
-                         store_settings_diff)
-from pipeline.audio import SAMPLE_RATE, AudioError, load_audio
+from cache.store import (FAILURES_DIR, FORMATS, STORE_JSON, check_shard, completed_parts, part_path,
+                         plan_parts, recorded_failures, remove_leftovers, shard_parts, store_settings_diff)
+from pipeline.audio_part import (STORE_DTYPE, compute_features, decode_part, extract_part, init_worker, store_attrs,
+                                 write_part)
 from pipeline.corpus import Corpus, read_corpus
-from pipeline.features import NORM_EPS, compute_batch, get_recipe, prepare
-from pipeline.versions import versions
+from pipeline.features import NORM_EPS, get_recipe
 
-STORE_DTYPE = "float16"
 DEFAULT_PART_SIZE = 500      # utterances per part: the unit of resume and sharding
-CPU_BATCH = 8                # utterances per feature call in a worker: amortises torch's per-op overhead
-WINDOW = 64                  # utterances a worker decodes, then computes in length-sorted batches
-META_KEYS = ("image_id", "caption_id", "caption", "speaker", "split")  # stored with each utterance
 
 
 def default_workers() -> int:
@@ -154,10 +150,6 @@ def corpus_digest(corpus: Corpus) -> str:
     return hashlib.sha1("".join(u.utt_id + "\n" for u in corpus.utterances).encode("utf-8")).hexdigest()
 
 
-def _store_attrs(recipe) -> dict:
-    return {"stage": "extract-audio", "features": recipe.to_dict(), "versions": versions()}
-
-
 def _check_cache(cfg: ExtractConfig, corpus: Corpus, recipe) -> None:
     """Records corpus, splits, records.jsonl and the feature settings in the cache, or refuses (before any
     work) a cache made with other settings, naming every setting that differs."""
@@ -171,7 +163,7 @@ def _check_cache(cfg: ExtractConfig, corpus: Corpus, recipe) -> None:
              for line in settings_diff(manifest[name], settings, name)]
     store = cfg.cache / AUDIO_STORE
     if not diffs:  # e.g. other versions, which PartWriter would refuse
-        diffs = store_settings_diff(store, cfg.fmt, recipe.dims, STORE_DTYPE, _store_attrs(recipe),
+        diffs = store_settings_diff(store, cfg.fmt, recipe.dims, STORE_DTYPE, store_attrs(recipe),
                                     f"{AUDIO_STORE}/{STORE_JSON}")
     if diffs:
         lines = "\n  ".join(diffs)
@@ -188,111 +180,6 @@ def _check_cache(cfg: ExtractConfig, corpus: Corpus, recipe) -> None:
         claim_section(cfg.cache, name, settings)
     if not (cfg.cache / RECORDS).is_file():  # the claimed ids_sha1 vouches for one that is there
         write_records(cfg.cache, [u.to_dict() for u in corpus.utterances])
-
-
-# ---- per-utterance work ----
-
-def _failure(u: dict, reason: str) -> dict:
-    return {"stage": "audio", "id": u["utt_id"], "path": u["audio_path"], "reason": reason}
-
-
-def _decode_all(utts: list[dict], recipe, failures: list[dict]) -> tuple[list, float]:
-    """Decodes and prepares (trim...) each utterance: [(utterance, wave [S'] float32)] and the seconds of
-    audio decoded; the ones that fail are appended to `failures` instead."""
-    decoded, seconds = [], 0.0
-    for u in utts:
-        path = u["audio_path"]
-        try:
-            wave = load_audio(path)
-            decoded.append((u, prepare(recipe, wave, known_finite=True).numpy()))
-            seconds += len(wave) / SAMPLE_RATE
-        except AudioError as err:
-            failures.append(_failure(u, err.reason))
-        except Exception as err:  # a decoder error nobody foresaw must not stop the other 599,999 utterances
-            failures.append(_failure(u, f"{type(err).__name__}: {err}"))
-    return decoded, seconds
-
-
-def compute_features(recipe, waves: list[np.ndarray], device: str = "cpu", batch_size: int = CPU_BATCH
-                     ) -> list[np.ndarray]:
-    """Features [T_i, dims] float32 of prepared waves [S_i], in length-sorted padded batches on `device`.
-
-    Sorting keeps the padding small. The batches depend only on the waves, so the same part gives the
-    same bytes whenever it is computed (a resumed or sharded run equals an uninterrupted one).
-    """
-    order = sorted(range(len(waves)), key=lambda i: (len(waves[i]), i))
-    out: list[np.ndarray] = [np.empty(0)] * len(waves)
-    for s in range(0, len(order), batch_size):
-        chunk = order[s:s + batch_size]
-        feats = compute_batch(recipe, [torch.from_numpy(waves[i]) for i in chunk], device, prepared=True)
-        for i, f in zip(chunk, feats):
-            out[i] = f.float().cpu().numpy()
-    return out
-
-
-def _add_all(writer: PartWriter, items, failures: list[dict]) -> int:
-    """Adds (utterance, features) items; non-finite ones become failures. Returns how many were added."""
-    added = 0
-    for u, feats in items:
-        with np.errstate(over="ignore"):
-            stored = feats.astype(STORE_DTYPE)
-        if not np.isfinite(feats).all():
-            failures.append(_failure(u, "features contain NaN or Inf (corrupt samples?)"))
-        elif not np.isfinite(stored).all():  # the store would refuse the whole part
-            failures.append(_failure(u, f"features beyond the range of {STORE_DTYPE} (max 65504)"))
-        else:
-            writer.add(u["utt_id"], stored, meta={k: u[k] for k in META_KEYS})
-            added += 1
-    return added
-
-
-def _write_part(store: Path, part: int, fmt: str, recipe, utts: list[dict], batches, failures: list[dict]
-                ) -> dict:
-    """Writes one part from an iterable of lists of (utterance, features). The part's failures file is
-    written before the part's rename, so a complete part always has its failures on disk."""
-    written = 0
-    attrs = _store_attrs(recipe)
-    with PartWriter(store, part, fmt, dims=recipe.dims, dtype=STORE_DTYPE, attrs=attrs) as writer:
-        for batch in batches:
-            written += _add_all(writer, batch, failures)
-        position = {u["utt_id"]: i for i, u in enumerate(utts)}
-        failures.sort(key=lambda f: position[f["id"]])
-        atomic_write_json(failures_path(store, part), failures)
-    return {"part": part, "written": written, "failed": len(failures)}
-
-
-_worker: dict = {}  # each worker process's recipe, store, format and progress queue
-
-
-def _init_worker(recipe_name: str, recipe_options: dict, store: Path, fmt: str, ticks) -> None:
-    torch.set_num_threads(1)  # one process per core; more threads per process only contend
-    _worker.update(recipe=get_recipe(recipe_name, **recipe_options), store=store, fmt=fmt, ticks=ticks)
-
-
-def _extract_part(task: tuple[int, list[dict]]) -> dict:
-    """Worker of the CPU path: decode, compute and write one part, a window at a time (bounded memory)."""
-    part, utts = task
-    recipe, failures, audio_seconds = _worker["recipe"], [], [0.0]
-
-    def windows():
-        for s in range(0, len(utts), WINDOW):
-            decoded, seconds = _decode_all(utts[s:s + WINDOW], recipe, failures)
-            feats = compute_features(recipe, [w for _, w in decoded])
-            audio_seconds[0] += seconds
-            _worker["ticks"].put((len(utts[s:s + WINDOW]), seconds))
-            yield [(u, f) for (u, _), f in zip(decoded, feats)]
-
-    out = _write_part(_worker["store"], part, _worker["fmt"], recipe, utts, windows(), failures)
-    return {**out, "audio_seconds": audio_seconds[0]}
-
-
-def _decode_part(task: tuple[int, list[dict]]):
-    """Worker of the batched path: decoding and the per-utterance steps only; the main process computes
-    the features on the batch device."""
-    part, utts = task
-    failures: list[dict] = []
-    decoded, seconds = _decode_all(utts, _worker["recipe"], failures)
-    return part, utts, decoded, failures, seconds
 
 
 # ---- the stage ----
@@ -383,7 +270,7 @@ def _run_parts(cfg: ExtractConfig, recipe, tasks: list[tuple[int, list]], summar
     initargs = (cfg.recipe, dict(cfg.recipe_options), cfg.cache / AUDIO_STORE, cfg.fmt, ticks)
     # An executor rather than multiprocessing.Pool: a worker that dies (the OOM killer...) fails the run
     # with BrokenProcessPool, where Pool would wait forever for its part.
-    with ProcessPoolExecutor(cfg.workers, mp_context=ctx, initializer=_init_worker,
+    with ProcessPoolExecutor(cfg.workers, mp_context=ctx, initializer=init_worker,
                              initargs=initargs) as pool:
         pool.submit(os.getpid).result()  # fork the workers now, before tqdm starts its monitor thread
         if batched and torch.device(cfg.batch_device).type == "cpu":
@@ -393,7 +280,7 @@ def _run_parts(cfg: ExtractConfig, recipe, tasks: list[tuple[int, list]], summar
             pending, running = list(reversed(tasks)), set()
             while pending or running:
                 while pending and len(running) < limit:
-                    running.add(pool.submit(_decode_part if batched else _extract_part, pending.pop()))
+                    running.add(pool.submit(decode_part if batched else extract_part, pending.pop()))
                 progress.drain(ticks)
                 finished, running = wait(running, timeout=0.1, return_when=FIRST_COMPLETED)
                 for future in finished:
@@ -421,7 +308,7 @@ def _write_decoded(cfg: ExtractConfig, recipe, part: int, utts: list[dict], deco
     """Batched path, in the main process: a decoded part's features on cfg.batch_device, then the part."""
     feats = compute_features(recipe, [w for _, w in decoded], cfg.batch_device, cfg.batch_size)
     batches = [[(u, f) for (u, _), f in zip(decoded, feats)]]
-    out = _write_part(cfg.cache / AUDIO_STORE, part, cfg.fmt, recipe, utts, batches, failures)
+    out = write_part(cfg.cache / AUDIO_STORE, part, cfg.fmt, recipe, utts, batches, failures)
     return {**out, "audio_seconds": seconds, "utterances": len(utts)}
 
 

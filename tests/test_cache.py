@@ -11,10 +11,11 @@ import h5py
 import numpy as np
 import pytest
 
+from cache.index import build_index
 from cache.manifest import (MANIFEST, CacheMismatchError, atomic_write_text, claim_section, read_failures,
                             read_manifest, read_records, record_stage_failures, settings_diff, write_records)
 from cache.reader import StoreReader
-from cache.store import (FORMATS, PartWriter, build_index, completed_parts, escape_key, part_path, remove_leftovers,
+from cache.store import (FORMATS, PartWriter, completed_parts, escape_key, part_path, remove_leftovers,
                          unescape_key)
 
 DIMS = 7

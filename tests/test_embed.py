@@ -13,12 +13,11 @@ from click.testing import CliRunner
 from open_clip.transform import PreprocessCfg, image_transform_v2
 from PIL import Image
 
-from cache.manifest import CacheMismatchError, read_failures, read_manifest
+from cache.manifest import IMAGE_STORE, KEYWORD_STORE, TEXT_STORE, CacheMismatchError, read_failures, read_manifest
 from cache.reader import StoreReader
 from cache.store import PartWriter, completed_parts
 from cli import main
 from corpora import write_tiny_flickr
-from cache.manifest import IMAGE_STORE, KEYWORD_STORE, TEXT_STORE
 from pipeline.embed import EmbedConfig, embed_images
 from pipeline.images import ImageFiles, decode_on_device, open_rgb
 

@@ -16,13 +16,13 @@ import soundfile as sf
 import torch
 from click.testing import CliRunner
 
-from cache.manifest import claim_section, read_failures, read_manifest, read_records
+from cache.index import build_index
+from cache.manifest import AUDIO_STORE, SPEAKER_CMVN, claim_section, read_failures, read_manifest, read_records
 from cache.reader import StoreReader
-from cache.store import PartWriter, build_index, completed_parts, plan_parts, unescape_key
+from cache.store import PartWriter, completed_parts, plan_parts, unescape_key
 from cli import main
 from corpora import speechlike, write_tiny_flickr
 from pipeline.audio import load_audio
-from cache.manifest import AUDIO_STORE, SPEAKER_CMVN
 from pipeline.extract import ExtractConfig, TooManyFailures, extract_audio
 from pipeline.features import compute, get_recipe
 from trainer.data import load_split
