@@ -62,7 +62,8 @@ def naive_torchaudio(paths: list[str], ids: list[str], out: Path) -> None:
 def naive_same_recipe(paths: list[str], ids: list[str], out: Path, recipe: str) -> None:
     """The same loop computing clipspeech's own recipe: isolates what the stage's machinery adds."""
     from pipeline.audio import load_audio
-    from pipeline.features import compute, get_recipe
+    from pipeline.features import compute
+    from pipeline.recipes import get_recipe
     cfg = get_recipe(recipe)
     with h5py.File(out, "w") as f:
         for path, utt_id in zip(paths, ids):

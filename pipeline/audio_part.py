@@ -10,7 +10,8 @@ import torch
 from cache.manifest import atomic_write_json
 from cache.store import PartWriter, failures_path
 from pipeline.audio import SAMPLE_RATE, AudioError, load_audio
-from pipeline.features import compute_batch, get_recipe, prepare
+from pipeline.features import compute_batch, prepare
+from pipeline.recipes import get_recipe
 from pipeline.versions import versions
 
 STORE_DTYPE = "float16"

@@ -27,7 +27,8 @@ from cache.store import (FAILURES_DIR, FORMATS, STORE_JSON, check_shard, complet
 from pipeline.audio_part import (STORE_DTYPE, compute_features, decode_part, extract_part, init_worker, store_attrs,
                                  write_part)
 from pipeline.corpus import Corpus, read_corpus
-from pipeline.features import NORM_EPS, get_recipe
+from pipeline.features import NORM_EPS
+from pipeline.recipes import get_recipe
 
 DEFAULT_PART_SIZE = 500      # utterances per part: the unit of resume and sharding
 

@@ -7,7 +7,8 @@ import soundfile as sf
 import torch
 
 from pipeline.audio import SAMPLE_RATE, AudioError, load_audio
-from pipeline.features import compute, get_recipe
+from pipeline.features import compute
+from pipeline.recipes import get_recipe
 
 
 def tone(seconds: float, sr: int, hz: float = 440.0, amp: float = 0.5) -> np.ndarray:

@@ -368,5 +368,5 @@ def test_atomic_write_text_replaces_whole_file(tmp_path):
 
 
 def test_cache_package_does_not_import_torch():
-    code = "import sys, cache.store, cache.reader, cache.manifest; sys.exit('torch' in sys.modules)"
+    code = "import sys, cache.store, cache.index, cache.reader, cache.manifest; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], cwd=pathlib.Path(__file__).parents[1]).returncode == 0

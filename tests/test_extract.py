@@ -24,7 +24,8 @@ from cli import main
 from corpora import speechlike, write_tiny_flickr
 from pipeline.audio import load_audio
 from pipeline.extract import ExtractConfig, TooManyFailures, extract_audio
-from pipeline.features import compute, get_recipe
+from pipeline.features import compute
+from pipeline.recipes import get_recipe
 from trainer.data import load_split
 
 REPO = Path(__file__).resolve().parents[1]

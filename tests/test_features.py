@@ -8,8 +8,8 @@ import torch
 import torchaudio
 
 from pipeline.audio import SAMPLE_RATE, AudioError
-from pipeline.features import (RECIPES, FbankConfig, MfccKaldiConfig, MfccSeedConfig, compute, compute_batch,
-                               fbank, get_recipe, mfcc_kaldi, mfcc_seed, prepare, recipe_from_dict)
+from pipeline.features import compute, compute_batch, fbank, mfcc_kaldi, mfcc_seed, prepare
+from pipeline.recipes import RECIPES, FbankConfig, MfccKaldiConfig, MfccSeedConfig, get_recipe, recipe_from_dict
 
 
 def speech_like(seconds: float, seed: int, lead: float = 0.4, tail: float = 0.3) -> torch.Tensor:
