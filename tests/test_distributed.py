@@ -101,7 +101,6 @@ def test_two_ranks_with_half_batches_match_one_process_on_the_full_batch(tmp_pat
             assert abs(result["loss"].item() - loss.item()) < 1e-5, (case, rank)
             # DDP averaged the encoder's gradients; the temperature's is this rank's own
             torch.testing.assert_close(result["scale_grad"], scale_grad, atol=1e-5, rtol=1e-5)
-            assert result["grads"].keys() == grads.keys()
             for name, grad in grads.items():
                 torch.testing.assert_close(result["grads"][name], grad, atol=1e-5, rtol=1e-5, msg=name)
             if "open_clip_loss" in result:

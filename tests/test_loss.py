@@ -64,7 +64,6 @@ def test_temperature_is_initialised_and_clamped():
     assert loss_fn.logit_scale.exp().item() == pytest.approx(1 / 0.07, rel=1e-6)
     _with_scale(loss_fn, 10.0).clamp_()
     assert loss_fn.logit_scale.exp().item() == pytest.approx(100.0, rel=1e-6)
-    assert loss_fn.logit_scale.exp().item() <= 100.0 + 1e-4
     _with_scale(loss_fn, -3.0).clamp_()
     assert loss_fn.logit_scale.item() == 0.0
     # the temperature learns: a well-aligned batch pushes it up

@@ -175,8 +175,9 @@ def _ones_batch(lengths, dims=40):
 def test_spec_augment_masks_bands_inside_valid_frames():
     lengths = [300, 50, 200, 10] * 16
     feats, lens = _ones_batch(lengths)
+    original = feats.clone()
     out = spec_augment(feats, lens, torch.Generator().manual_seed(0))
-    assert out.shape == feats.shape and out.dtype == feats.dtype
+    assert torch.equal(feats, original), "the caller's batch was masked in place"
     assert not torch.equal(out, feats)
     for b, n in enumerate(lengths):
         assert (out[b, n:] == 7.0).all(), "a time mask reached the padding"

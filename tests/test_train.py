@@ -307,13 +307,14 @@ def test_conv_options_reach_the_saved_encoder(tiny_cache, tmp_path):
     assert model.cfg.conv_init == "pytorch" and model.cfg.layers == 1
 
 
-def test_cpu_bf16_autocast_only_where_asked_for_and_native():
+@pytest.mark.parametrize("native", [True, False])
+def test_cpu_bf16_autocast_only_where_asked_for_and_native(native, monkeypatch):
+    monkeypatch.setattr("trainer.precision.cpu_has_native_bf16", lambda: native)
     a, b = torch.randn(4, 8), torch.randn(8, 3)
     with autocast("cpu"):
         assert (a @ b).dtype == torch.float32                # the default: fp32 on the CPU
-    with autocast("cpu", cpu_bf16=True):
-        expected = torch.bfloat16 if cpu_has_native_bf16() else torch.float32   # never emulated bf16
-        assert (a @ b).dtype == expected
+    with autocast("cpu", cpu_bf16=True):                     # never emulated bf16: fp32 without native bf16
+        assert (a @ b).dtype == (torch.bfloat16 if native else torch.float32)
 
 
 @pytest.mark.skipif(not cpu_has_native_bf16(), reason="this CPU has no native bf16")
