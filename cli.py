@@ -78,7 +78,7 @@ def info(data: Path) -> None:
 @click.option("--features", "recipe", default="mfcc-seed", show_default=True,
               help="Feature recipe: mfcc-seed (the seed's 39-dim MFCCs), mfcc-kaldi, fbank.")
 @click.option("--option", "recipe_options", multiple=True, metavar="KEY=VALUE",
-              help="Recipe setting, e.g. --option n_mels=80 for fbank, --option normalisation=speaker.")
+              help="Recipe setting, e.g. --option n_mels=80 for fbank, --option normalisation=speaker for mfcc-kaldi.")
 @click.option("--format", "fmt", type=click.Choice(["hdf5", "wds"]), default="hdf5", show_default=True,
               help="hdf5 part files, or WebDataset tar shards for streaming.")
 @click.option("--workers", type=click.IntRange(min=1), default=None, help="Worker processes [default: all cores].")
@@ -171,7 +171,9 @@ def _flag(name: str, help: str):
 @click.option("--config", "toml", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="TOML file setting any option below (command-line options win).")
 @click.option("--preset", type=click.Choice(["seed", "demo"]), default=None,
-              help="seed: the note's exact set-up (default); demo: tuned for the demo corpus on 2 CPU cores.")
+              help="seed (default): the note's set-up, with length-bucketed batches of one caption per image "
+                   "(--no-bucket --no-one-caption-per-image for the original); demo: tuned for the demo "
+                   "corpus on 2 CPU cores.")
 @click.option("--steps", type=click.IntRange(min=1), default=None, help="Training steps [seed: 25000].")
 @click.option("--batch-size", type=click.IntRange(min=2), default=None, help="Utterances per step [seed: 64].")
 @click.option("--batch-schedule", default=None, metavar="B:STEP,...,B",
@@ -271,7 +273,8 @@ def evaluate(cache, checkpoint, split, json_out, html, save_embeddings, keywords
               help="The same seed gives byte-identical files.")
 @click.option("--workers", type=click.IntRange(min=1), default=None, help="Processes [default: all cores].")
 @click.option("--teacher-steps", type=click.IntRange(min=1), default=None,
-              help="Training steps of the demo's CLIP teacher [200].")
+              help="Training steps of the demo's CLIP teacher [200]; a teacher fitted with other settings is "
+                   "refused, not refitted.")
 @click.option("--overwrite", is_flag=True, help="Replace a demo corpus made with other settings.")
 def make_demo(out, images, seed, workers, teacher_steps, overwrite):
     """Write the synthetic demo corpus and fit its own small CLIP teacher (no network needed).
@@ -308,7 +311,8 @@ def _make_demo(out, images, seed, workers, teacher_steps, overwrite) -> dict:
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--workers", type=click.IntRange(min=1), default=None, help="Processes [default: all cores].")
 @click.option("--steps", type=click.IntRange(min=1), default=None, help="Student training steps [demo preset].")
-@click.option("--teacher-steps", type=click.IntRange(min=1), default=None, help="Teacher training steps [200].")
+@click.option("--teacher-steps", type=click.IntRange(min=1), default=None,
+              help="Teacher training steps [200]; must match a teacher already in OUT.")
 def demo(out, images, seed, workers, steps, teacher_steps):
     """The whole chain on the built-in demo corpus: make-demo -> extract-audio -> embed-images -> train -> evaluate."""
     import time

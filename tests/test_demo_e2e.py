@@ -95,3 +95,9 @@ def test_a_rerun_reuses_what_is_done(demo_run):
     assert (out / "corpus" / "teacher" / "open_clip_model.safetensors").stat().st_mtime == teacher
     assert (out / "run" / "metrics.jsonl").read_text() == log   # nothing trained twice
     assert json.loads((out / "eval.json").read_text())["retrieval"] == json.loads(before)["retrieval"]
+
+    # other teacher settings on the same corpus: refused, not silently ignored (the cache holds its embeddings)
+    other = cli("make-demo", "--out", out / "corpus", "--images", 18, "--teacher-steps", 21, "--workers", 2)
+    assert other.returncode != 0 and "Traceback" not in other.stderr
+    assert "was fitted with other settings" in other.stderr and "steps: it has 20, requested 21" in other.stderr
+    assert (out / "corpus" / "teacher" / "open_clip_model.safetensors").stat().st_mtime == teacher

@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from cache.manifest import settings_diff
 from pipeline.corpus import read_flickr8k
 from pipeline.demo.make_demo import CONFIG_FILE, DemoConfig, teacher_training_texts, write_demo_corpus
 from pipeline.demo.teacher import METRICS_FILE, TeacherConfig, fit_teacher
@@ -56,7 +57,14 @@ def make_demo(cfg: MakeDemoConfig) -> dict:
         summary["reused"] = made
     metrics_path = out / TEACHER_DIR / METRICS_FILE
     if metrics_path.is_file() and made is not None:
-        summary["teacher_metrics"] = json.loads(metrics_path.read_text())
+        metrics = json.loads(metrics_path.read_text())
+        diffs = settings_diff(metrics.get("config", {}), asdict(cfg.teacher))
+        if diffs:   # refitting would silently change every embedding a cache made from this teacher holds
+            raise ValueError(f"{out / TEACHER_DIR} was fitted with other settings:\n  " + "\n  ".join(
+                diffs).replace("cache has", "it has") + f"\nFix: ask for the same settings (e.g. --teacher-steps "
+                f"{metrics.get('config', {}).get('steps')}), or delete {out / TEACHER_DIR} (and the caches "
+                "made with it) to fit it again")
+        summary["teacher_metrics"] = metrics
     else:
         train, test = teacher_pairs(out)
         summary["teacher_metrics"] = fit_teacher(train, test, out / TEACHER_DIR, cfg.teacher)
