@@ -327,6 +327,27 @@ def test_records_round_trip_and_missing_file(tmp_path):
     assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
 
 
+def _build_index_often(store, times):
+    return [build_index(store) for _ in range(times)]
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_shard_jobs_that_finish_together_build_one_valid_index(tmp_path, fmt):
+    """Two processes building the index of one store at once (the last two --shard jobs): each build
+    removes killed builders' temporaries, which must never be the other live builder's."""
+    store = tmp_path / "s"
+    for part in range(6):
+        with PartWriter(store, part, fmt, DIMS) as writer:
+            for i in range(20):
+                writer.add(f"p{part}-{i}", np.full((2 + i % 3, DIMS), part))
+    with multiprocessing.get_context("fork").Pool(2) as pool:
+        counts = pool.starmap(_build_index_often, [(store, 40), (store, 40)])
+    assert counts == [[120] * 40] * 2
+    reader = StoreReader(store)
+    assert len(reader) == 120 and reader.get("p5-19").tolist() == np.full((3, DIMS), 5).tolist()
+    assert not [p.name for p in store.iterdir() if ".tmp-" in p.name]
+
+
 def test_failures_need_their_keys_and_tolerate_a_torn_last_line(tmp_path):
     assert read_failures(tmp_path) == []
     record_stage_failures(tmp_path, "extract-audio",
