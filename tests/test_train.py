@@ -4,6 +4,7 @@ process with two DDP processes, resolves its config in order, and fails clearly 
 from __future__ import annotations
 
 import json
+import shutil
 import math
 import multiprocessing as mp
 import os
@@ -287,6 +288,23 @@ def test_bad_options_fail_with_a_message_not_a_traceback(args, toml, message, ti
     code, output = _cli("--cache", tiny_cache, "--out", tmp_path / "run", "--threads", 1, *args)
     assert code == 1 and "Traceback" not in output
     assert message in output
+
+
+UNFINISHED = [("audio", "`clipspeech extract-audio` has not finished on this cache: run it again (or "
+                        "`extract-audio --index-only` once every"),
+              ("texts", "`clipspeech embed-images` has not finished")]
+
+
+@pytest.mark.parametrize("store, fix", UNFINISHED)
+def test_an_unfinished_stage_is_named(store, fix, tiny_cache, tmp_path):
+    cache = tmp_path / "cache"
+    shutil.copytree(tiny_cache, cache)
+    for index in (cache / store).glob("index.*"):
+        index.unlink()
+    code, output = _cli("--cache", cache, "--out", tmp_path / "run", "--threads", 1)
+    assert code == 1 and "Traceback" not in output
+    assert f"{cache / store}: no index" in output and fix in " ".join(output.split())
+    assert not (tmp_path / "run").exists()
 
 
 def test_an_existing_run_is_not_overwritten_without_resume(learned, tiny_cache):

@@ -16,6 +16,7 @@ import torch
 from cache.manifest import (AUDIO_STORE, IMAGE_STORE, KEYWORD_STORE, SPEAKER_CMVN, TEXT_STORE, read_manifest,
                             read_records)
 from cache.reader import StoreReader
+from cache.store import INDEX_FILE
 from trainer.sampler import LengthBucketBatchSampler, local_slice
 from trainer.schedule import batch_size_at
 
@@ -76,10 +77,12 @@ def check_cache(cache: Path) -> dict:
         if section not in manifest:
             raise FileNotFoundError(f"{cache}: no {section} section in cache.json; run `clipspeech {stage} "
                                     f"--cache {cache}` first")
-    for store in (AUDIO_STORE, IMAGE_STORE, TEXT_STORE):
-        if not any((cache / store / name).is_file() for name in ("index.h5", "index.json")):
-            raise FileNotFoundError(f"{cache / store}: no index; the stage that writes it has not finished "
-                                    "(rerun it, or with --index-only after all --shard jobs)")
+    for store, stage in ((AUDIO_STORE, "extract-audio"), (IMAGE_STORE, "embed-images"), (TEXT_STORE, "embed-images")):
+        if not any((cache / store / name).is_file() for name in INDEX_FILE.values()):
+            after_shards = " (or `extract-audio --index-only` once every --shard job is done)" \
+                if stage == "extract-audio" else " (its last --shard job builds the index)"
+            raise FileNotFoundError(f"{cache / store}: no index, so `clipspeech {stage}` has not finished on "
+                                    f"this cache: run it again{after_shards}")
     return manifest
 
 
