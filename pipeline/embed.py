@@ -5,6 +5,7 @@ cache.json, so that no later stage mixes two teachers. Resumable and shardable l
 """
 from __future__ import annotations
 
+import difflib
 import hashlib
 import logging
 import os
@@ -121,6 +122,11 @@ def load_teacher(model: str, pretrained: str | None, device: str = "cpu") -> Tea
                                     "takes a folder with open_clip_config.json and its weights (the demo's "
                                     "is DEMO/teacher)")
         model = f"local-dir:{folder}"
+    elif not model.startswith(SCHEMAS) and model not in open_clip.list_models():
+        close = difflib.get_close_matches(model, open_clip.list_models(), n=4)
+        raise ValueError(f"--model {model!r} is not an open_clip model name"
+                         + (f"; did you mean {', '.join(close)}?" if close else "")
+                         + " (open_clip.list_models() lists them; a model folder is --model local-dir:PATH)")
     checkpoint = _checkpoint_file(model, pretrained)
     random_weights = checkpoint is None and pretrained is None and not model.startswith("hf-hub:")
     if random_weights:

@@ -189,6 +189,14 @@ def test_random_standard_config_float32_custom_prompt(tmp_path, caplog):
     np.testing.assert_allclose(np.stack(list(keywords.values())), want_texts[1:], atol=1e-5)
 
 
+def test_an_unknown_model_name_is_refused_with_the_close_names(tmp_path, caplog):
+    corpus = write_corpus(tmp_path / "corpus", shapes=[(300, 225)])
+    with caplog.at_level(logging.WARNING, logger="pipeline.embed"), \
+            pytest.raises(ValueError, match=r"'ViT-B-33' is not an open_clip model name; did you mean ViT-B-32"):
+        run(corpus, tmp_path / "cache", "ViT-B-33")
+    assert "RANDOM weights" not in caplog.text and not (tmp_path / "cache").exists()
+
+
 def test_draft_mode_decodes_small_and_stays_close(corpus, teacher, tmp_path):
     images, _ = corpus_items(corpus)
     path = next(p for p in images.values() if Image.open(p).size == (200, 150))
