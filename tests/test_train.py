@@ -4,8 +4,8 @@ process with two DDP processes, resolves its config in order, and fails clearly 
 from __future__ import annotations
 
 import json
-import shutil
 import math
+import shutil
 import multiprocessing as mp
 import os
 import socket
@@ -313,6 +313,23 @@ def test_an_existing_run_is_not_overwritten_without_resume(learned, tiny_cache):
     code, output = _cli("--cache", tiny_cache, "--out", out, "--steps", 2)
     assert code == 1 and "Traceback" not in output and "--resume" in output
     assert (out / "last.pt").read_bytes() == before
+
+
+def test_a_checkpoint_refuses_a_cache_of_another_teacher(learned, tiny_cache, tmp_path):
+    """Resume and evaluate check that the cache holds the CLIP embeddings the run was trained against."""
+    out, _, _ = learned
+    other = tmp_path / "other"
+    shutil.copytree(tiny_cache, other)
+    manifest = json.loads((other / "cache.json").read_text())
+    manifest["clip"]["weights_sha256"] = "0" * 64          # as if embed-images had run another teacher
+    (other / "cache.json").write_text(json.dumps(manifest))
+    before = (out / "last.pt").read_bytes()
+    code, output = _cli("--cache", other, "--out", out, "--resume", "--steps", 70, "--threads", 1)
+    assert code == 1 and "Traceback" not in output
+    assert "trained on a cache with other clip settings" in output and "weights_sha256" in output
+    assert (out / "last.pt").read_bytes() == before
+    result = CliRunner().invoke(cli_main, ["evaluate", "--cache", str(other), "--checkpoint", str(out / "best.pt")])
+    assert result.exit_code == 1 and "other clip settings" in result.output and "weights_sha256" in result.output
 
 
 def test_conv_options_reach_the_saved_encoder(tiny_cache, tmp_path):

@@ -31,6 +31,23 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     return state
 
 
+def cache_identity(manifest: dict) -> dict:
+    """What a checkpoint records of the cache it was trained on: the feature recipe and the CLIP teacher."""
+    return {"features": manifest.get("audio", {}).get("features"), "clip": manifest.get("clip")}
+
+
+def check_same_cache(manifest: dict, state: dict, checkpoint: Path, cache: Path, fix: str) -> None:
+    """A checkpoint is only meaningful against the features and the CLIP teacher it was trained with:
+    ValueError naming the differing settings and `fix` otherwise."""
+    trained, now = state.get("cache") or {}, cache_identity(manifest)
+    for section in ("features", "clip"):
+        if trained.get(section) is not None and now[section] is not None and trained[section] != now[section]:
+            diff = sorted(k for k in set(now[section]) | set(trained[section])
+                          if now[section].get(k) != trained[section].get(k))
+            raise ValueError(f"{checkpoint} was trained on a cache with other {section} settings than {cache} "
+                             f"(differing: {', '.join(diff)}); {fix}")
+
+
 def load_encoder(path: str | Path, device="cpu") -> tuple[CnnTransformer, dict]:
     """The trained encoder of a checkpoint, in eval mode, and the whole checkpoint dict."""
     state = load_checkpoint(path)

@@ -92,10 +92,11 @@ def _split_texts(cache: Path, split: str, device) -> tuple[list[str], list[str],
 
 def evaluate(cfg: EvalConfig) -> tuple[dict, dict]:
     """(results in the JSON shape of the README, the arrays behind them, chance levels)."""
-    from trainer.checkpoint import load_encoder
+    from trainer.checkpoint import check_same_cache, load_encoder
     device = torch.device(cfg.device)
     model, state = load_encoder(cfg.checkpoint, device)
-    _check_same_cache(cfg.cache, state, cfg.checkpoint)
+    check_same_cache(read_manifest(cfg.cache), state, cfg.checkpoint, cfg.cache,
+                     "evaluate it on a cache made the same way")
     data = load_split(cfg.cache, cfg.split, device)
     if len(data) == 0:
         raise ValueError(f"{cfg.cache}: no usable utterances in the {cfg.split} split")
@@ -148,18 +149,6 @@ def _keywords(cfg: EvalConfig, device) -> tuple[list[str], torch.Tensor]:
                          f"`clipspeech embed-images --keywords {cfg.keywords}` on this cache first")
     rows = [words.index(w) for w in wanted]
     return wanted, emb[rows]
-
-
-def _check_same_cache(cache: Path, state: dict, checkpoint: Path) -> None:
-    """A checkpoint is only meaningful against the features and the CLIP teacher it was trained with."""
-    manifest = read_manifest(cache)
-    trained = state.get("cache", {})
-    for section in ("features", "clip"):
-        now = manifest.get("audio", {}).get("features") if section == "features" else manifest.get("clip")
-        if trained.get(section) is not None and now is not None and trained[section] != now:
-            diff = sorted(k for k in set(now) | set(trained[section]) if now.get(k) != trained[section].get(k))
-            raise ValueError(f"{checkpoint} was trained on a cache with other {section} settings than {cache} "
-                             f"(differing: {', '.join(diff)}); evaluate it on a cache made the same way")
 
 
 def _json_safe(x):

@@ -19,7 +19,8 @@ from torch import distributed as dist
 
 from cache.manifest import atomic_write_json, atomic_write_text, read_manifest
 from trainer.augment import spec_augment
-from trainer.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from trainer.checkpoint import (cache_identity, check_same_cache, load_checkpoint, rng_state, save_checkpoint,
+                                set_rng_state)
 from trainer.config import ENCODER_FIELDS, TrainConfig
 from trainer.data import COMPILE_BUCKET, Batch, MemoryBatches, load_keywords, load_split
 from trainer.distributed import world_info
@@ -252,6 +253,8 @@ def train(cfg: TrainConfig) -> dict:
     window = {"loss": 0.0, "n": 0}        # the log window's losses so far (a resumed run continues it)
     if cfg.resume and last.exists():
         state = load_checkpoint(last, map_location=device)
+        check_same_cache(manifest, state, last, cache, "resume it on the cache it was trained on, or start a "
+                         "new run (another --out)")
         best, window = _restore(run, state, last), state.get("window", window)
     elif cfg.resume and main:
         print(f"--resume: no {last} yet, starting a fresh run")
@@ -265,7 +268,7 @@ def train(cfg: TrainConfig) -> dict:
         elif log_path.exists():
             log_path.unlink()
     tb = _tensorboard(out) if main else None
-    identity = {"features": manifest.get("audio", {}).get("features"), "clip": manifest.get("clip")}
+    identity = cache_identity(manifest)
 
     def weights(path: Path, **resume_state) -> None:
         """best.pt (the model, for evaluation) or, with `resume_state`, last.pt (all that --resume needs)."""
