@@ -101,3 +101,23 @@ def test_a_rerun_reuses_what_is_done(demo_run):
     assert other.returncode != 0 and "Traceback" not in other.stderr
     assert "was fitted with other settings" in other.stderr and "steps: it has 20, requested 21" in other.stderr
     assert (out / "corpus" / "teacher" / "open_clip_model.safetensors").stat().st_mtime == teacher
+
+
+def test_evaluate_on_chosen_keywords(demo_run, tmp_path):
+    out, _ = demo_run
+    words = (out / "corpus" / "keywords.txt").read_text().split()
+    chosen = tmp_path / "chosen.txt"
+    chosen.write_text(f"# two of them\n{words[0]}\n\n{words[3].upper()}\n{words[0]}\n")
+    base = ["evaluate", "--cache", out / "cache", "--checkpoint", out / "run" / "best.pt"]
+    done = cli(*base, "--keywords", chosen, "--json", tmp_path / "eval.json")
+    assert done.returncode == 0, done.stderr[-2000:]
+    results = json.loads((tmp_path / "eval.json").read_text())
+    assert sorted(results["keyword_spotting"]["per_keyword"]) == sorted([words[0], words[3]])
+    assert results["counts"]["keywords"] == 2
+    for content, message in [("\n# nothing\n", "no keywords in this file"),
+                             ("zebra\n", "keywords not embedded in")]:
+        chosen.write_text(content)
+        done = cli(*base, "--keywords", chosen)
+        assert done.returncode == 1 and message in done.stderr and "Traceback" not in done.stderr
+    done = cli(*base, "--keywords", tmp_path / "absent.txt")
+    assert done.returncode == 1 and "absent.txt: no such file" in done.stderr and "Traceback" not in done.stderr

@@ -141,8 +141,13 @@ def _keywords(cfg: EvalConfig, device) -> tuple[list[str], torch.Tensor]:
                          f"{cfg.prompt!r}; run `clipspeech embed-images --prompt {cfg.prompt!r}` on this cache")
     if cfg.keywords is None:
         return words, emb
-    wanted = [w.strip().lower() for w in Path(cfg.keywords).read_text(encoding="utf-8").splitlines()
-              if w.strip() and not w.startswith("#")]
+    path = Path(cfg.keywords)
+    if not path.is_file():
+        raise FileNotFoundError(f"--keywords {path}: no such file (one keyword per line)")
+    wanted = list(dict.fromkeys(w.strip().lower() for w in path.read_text(encoding="utf-8").splitlines()
+                                if w.strip() and not w.strip().startswith("#")))
+    if not wanted:
+        raise ValueError(f"--keywords {path}: no keywords in this file (one per line; # starts a comment)")
     missing = [w for w in wanted if w not in words]
     if missing:
         raise ValueError(f"{cfg.keywords}: keywords not embedded in {cfg.cache}: {', '.join(missing[:10])}; run "
