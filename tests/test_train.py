@@ -240,6 +240,43 @@ def test_two_ddp_processes_log_the_losses_of_one(tiny_cache, tmp_path):
     assert np.allclose([one[s] for s in one], [two[s] for s in one], rtol=1e-4, atol=1e-5)
 
 
+def _ddp_stream_rank(rank: int, port: int, config: dict, record: str) -> None:
+    """A stream-mode rank that also saves the image rows of each of its local batches."""
+    seen: list[torch.Tensor] = []
+    forward = ImagesAsClassesLoss.forward
+
+    def recording(self, audio, image, text=None):
+        seen.append(image.detach().cpu().clone())
+        return forward(self, audio, image, text)
+
+    ImagesAsClassesLoss.forward = recording
+    _ddp_rank(rank, port, config)
+    torch.save(seen, record)
+
+
+def test_two_stream_ranks_never_share_an_image_and_run_through_passes(tiny_wds_cache, tmp_path):
+    """--data-mode stream with two processes: the global batch (rank 0's rows, then rank 1's) never holds
+    two captions of one image, and neither rank runs dry (DDP would hang) through several passes."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = _config(tiny_wds_cache, tmp_path / "ddp", steps=40, batch_size=4, data_mode="stream",
+                     workers=1).to_dict()
+    ctx = mp.get_context("spawn")
+    records = [tmp_path / f"rank{r}.pt" for r in range(2)]
+    procs = [ctx.Process(target=_ddp_stream_rank, args=(r, port, config, str(records[r]))) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=300)
+    assert [p.exitcode for p in procs] == [0, 0]
+    local = [torch.load(path) for path in records]
+    assert len(local[0]) == len(local[1]) == 40 and all(len(b) == 2 for b in local[0] + local[1])
+    _assert_distinct_images([torch.cat(pair) for pair in zip(*local)], tiny_wds_cache)
+    used = {tuple(row.tolist()) for batch in local[0] + local[1] for row in batch}
+    assert len(used) > 0.9 * len(load_split(tiny_wds_cache, "train", features=False).images)  # 30 steps+
+
+
 # ----------------------------------------------------------------------------------------------------
 # Configuration and the command line
 

@@ -1,9 +1,10 @@
 """--data-mode stream: the train split's features read from the WebDataset shards of CACHE/audio by reader
 processes, length-bucketed in a buffer with one caption per image per batch, for caches larger than memory.
 
-Each training process (rank) runs `workers` readers; reader slot = rank * workers + role. Pass p of slot s
-reads the shards perm_p[s::slots] (perm_p: a permutation of the shards seeded by seed and p, the same in
-every process) and cuts them, `buffer` utterances at a time, into batches with LengthBucketBatchSampler.
+Each training process (rank) runs `workers` readers; reader slot = rank * workers + role. Slot s owns the
+shards perm[s::slots] (perm: a permutation of the shards seeded by the seed, the same in every process);
+each pass reads them in a new order and cuts them, `buffer` utterances at a time, into batches with
+LengthBucketBatchSampler.
 The stream never ends: a slot starts its next pass when one is done and training stops after `steps`, so no
 epoch is counted per worker (webdataset's with_epoch pitfall) and no rank runs dry before the others.
 The j-th batch of role r is the one of optimiser step r + j * workers (DataLoader takes the workers in
@@ -11,7 +12,8 @@ turn), so each reader knows the batch size of the schedule it must cut.
 
 Every caption of an image is streamed with the shard of its image's first caption (the few that are
 stored in another shard are read from there by random access), so the captions of one image all go to one
-slot, hence to one rank: no global batch holds two captions of an image, even over several processes.
+slot, hence to one rank, in every pass: no global batch holds two captions of an image, even over several
+processes whose slots are in different passes.
 
 Resume: each batch carries its position (role, generation, pass, batch in pass, j); the checkpoint holds
 the position after the last batch the loop consumed, per rank and role, and a resumed reader re-reads its
@@ -98,8 +100,16 @@ def shard_plan(cache: str | Path, data: SplitData) -> ShardPlan:
 
 
 def slot_shards(n_shards: int, seed: int, generation: int, pass_: int, slot: int, slots: int) -> np.ndarray:
-    """The shards (indices into ShardPlan.paths) that reader slot `slot` of `slots` streams in a pass."""
-    return np.random.default_rng([seed, generation, pass_]).permutation(n_shards)[slot::slots]
+    """The shards (indices into ShardPlan.paths) that reader slot `slot` of `slots` streams in a pass, in
+    the pass's order.
+
+    A slot keeps its shards in every pass of a generation (one permutation seeded by seed and generation,
+    dealt out slot by slot); each pass only shuffles their order. Slots run through their passes at their
+    own pace, so with shards dealt anew per pass, two ranks in different passes could stream one shard at
+    the same step, and the captions of an image (which share a shard) would meet in one global batch.
+    """
+    mine = np.random.default_rng([seed, generation]).permutation(n_shards)[slot::slots]
+    return np.random.default_rng([seed, generation, pass_, slot]).permutation(mine)
 
 
 def _seed(*key: int) -> int:
