@@ -254,14 +254,15 @@ def _ddp_stream_rank(rank: int, port: int, config: dict, record: str) -> None:
     torch.save(seen, record)
 
 
-def test_two_stream_ranks_never_share_an_image_and_run_through_passes(tiny_wds_cache, tmp_path):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_two_stream_ranks_never_share_an_image_and_run_through_passes(workers, tiny_wds_cache, tmp_path):
     """--data-mode stream with two processes: the global batch (rank 0's rows, then rank 1's) never holds
     two captions of one image, and neither rank runs dry (DDP would hang) through several passes."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     config = _config(tiny_wds_cache, tmp_path / "ddp", steps=40, batch_size=4, data_mode="stream",
-                     workers=1).to_dict()
+                     workers=workers).to_dict()
     ctx = mp.get_context("spawn")
     records = [tmp_path / f"rank{r}.pt" for r in range(2)]
     procs = [ctx.Process(target=_ddp_stream_rank, args=(r, port, config, str(records[r]))) for r in range(2)]
