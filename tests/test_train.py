@@ -390,6 +390,19 @@ def test_cpu_bf16_autocast_only_where_asked_for_and_native(native, monkeypatch):
         assert (a @ b).dtype == (torch.bfloat16 if native else torch.float32)
 
 
+@pytest.mark.slow
+def test_compiled_training_logs_the_losses_of_eager(tiny_cache, tmp_path):
+    """--compile (one static graph per batch size and 128-frame bucket; max_frames 128 makes it one graph,
+    compiled in about 40 s on 2 cores) steps exactly like the eager model."""
+    common = dict(steps=3, dropout=0.0, spec_augment=False, max_frames=128)
+    train(_config(tiny_cache, tmp_path / "compiled", compile=True, **common))
+    train(_config(tiny_cache, tmp_path / "eager", **common))
+    compiled, eager = _losses(tmp_path / "compiled"), _losses(tmp_path / "eager")
+    assert sorted(compiled) == sorted(eager) == [1, 2, 3]
+    assert np.allclose([compiled[s] for s in eager], [eager[s] for s in eager], rtol=1e-5, atol=0)
+    assert load_checkpoint(tmp_path / "compiled" / "last.pt")["config"]["compile"] is True
+
+
 @pytest.mark.skipif(not cpu_has_native_bf16(), reason="this CPU has no native bf16")
 def test_cpu_bf16_training_learns_and_keeps_fp32_weights(tiny_cache, tmp_path):
     out = tmp_path / "run"
