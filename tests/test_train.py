@@ -240,6 +240,31 @@ def test_two_ddp_processes_log_the_losses_of_one(tiny_cache, tmp_path):
     assert np.allclose([one[s] for s in one], [two[s] for s in one], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("mode", ["memory", "stream"])
+def test_a_run_resumes_on_another_number_of_processes(mode, tiny_cache, tiny_wds_cache, tmp_path):
+    """One process stops after 3 steps; two processes resume it: the weights, optimiser and step carry on
+    (the checkpoint says how many wrote it), the stream restarts its order, nothing hangs."""
+    cache = tiny_cache if mode == "memory" else tiny_wds_cache
+    common = dict(steps=6, batch_size=4, data_mode=mode, workers=1)
+    train(_config(cache, tmp_path / "run", stop_after=3, **common))
+    three = load_checkpoint(tmp_path / "run" / "last.pt")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    resumed = _config(cache, tmp_path / "run", resume=True, **common).to_dict()
+    procs = [mp.get_context("spawn").Process(target=_ddp_rank, args=(r, port, resumed)) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=300)
+    assert [p.exitcode for p in procs] == [0, 0]
+    six = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert six["step"] == 6 and len(three["ranks"]) == 1 and len(six["ranks"]) == 2
+    assert sorted(_losses(tmp_path / "run")) == [1, 2, 3, 4, 5, 6]
+    steps = [g["step"] for g in six["optimizer"]["state"].values()]   # AdamW's own count went on from 3
+    assert steps and all(int(step) == 6 for step in steps)
+
+
 def _ddp_stream_rank(rank: int, port: int, config: dict, record: str) -> None:
     """A stream-mode rank that also saves the image rows of each of its local batches."""
     seen: list[torch.Tensor] = []
