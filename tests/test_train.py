@@ -211,6 +211,12 @@ def test_pass_batches_respect_sizes_the_rule_and_use_each_utterance_once():
 # Two DDP processes (gloo) against one process with the same global batch
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _ddp_rank(rank: int, port: int, config: dict) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
                       LOCAL_RANK=str(rank))
@@ -221,9 +227,7 @@ def _ddp_rank(rank: int, port: int, config: dict) -> None:
 
 
 def test_two_ddp_processes_log_the_losses_of_one(tiny_cache, tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = _free_port()
     common = dict(steps=3, batch_size=4, dropout=0.0, spec_augment=False)
     ddp = _config(tiny_cache, tmp_path / "ddp", **common).to_dict()
     ctx = mp.get_context("spawn")
@@ -248,9 +252,7 @@ def test_a_run_resumes_on_another_number_of_processes(mode, tiny_cache, tiny_wds
     common = dict(steps=6, batch_size=4, data_mode=mode, workers=1)
     train(_config(cache, tmp_path / "run", stop_after=3, **common))
     three = load_checkpoint(tmp_path / "run" / "last.pt")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = _free_port()
     resumed = _config(cache, tmp_path / "run", resume=True, **common).to_dict()
     procs = [mp.get_context("spawn").Process(target=_ddp_rank, args=(r, port, resumed)) for r in range(2)]
     for p in procs:
@@ -267,14 +269,7 @@ def test_a_run_resumes_on_another_number_of_processes(mode, tiny_cache, tiny_wds
 
 def _ddp_stream_rank(rank: int, port: int, config: dict, record: str) -> None:
     """A stream-mode rank that also saves the image rows of each of its local batches."""
-    seen: list[torch.Tensor] = []
-    forward = ImagesAsClassesLoss.forward
-
-    def recording(self, audio, image, text=None):
-        seen.append(image.detach().cpu().clone())
-        return forward(self, audio, image, text)
-
-    ImagesAsClassesLoss.forward = recording
+    seen = _record_batches(pytest.MonkeyPatch())   # this process's own patch, gone when it exits
     _ddp_rank(rank, port, config)
     torch.save(seen, record)
 
@@ -283,9 +278,7 @@ def _ddp_stream_rank(rank: int, port: int, config: dict, record: str) -> None:
 def test_two_stream_ranks_never_share_an_image_and_run_through_passes(workers, tiny_wds_cache, tmp_path):
     """--data-mode stream with two processes: the global batch (rank 0's rows, then rank 1's) never holds
     two captions of one image, and neither rank runs dry (DDP would hang) through several passes."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = _free_port()
     config = _config(tiny_wds_cache, tmp_path / "ddp", steps=40, batch_size=4, data_mode="stream",
                      workers=workers).to_dict()
     ctx = mp.get_context("spawn")
