@@ -336,6 +336,7 @@ def _cli(*args) -> tuple[int, str]:
     ([], "data_mode = 'stream'\n", "--format wds"),
     ([], "[model]\nlayers = 2\n", "sections [model] are not supported"),
     ([], "conv_init = 'xavier'\n", "conv_init = 'xavier': use one of pytorch, kaiming"),
+    (["--batch-schedule", "4:3,13"], None, "batch_size 13 is larger than the 12 distinct images"),
 ])
 def test_bad_options_fail_with_a_message_not_a_traceback(args, toml, message, tiny_cache, tmp_path):
     if toml is not None:
@@ -343,7 +344,8 @@ def test_bad_options_fail_with_a_message_not_a_traceback(args, toml, message, ti
         args = [*args, "--config", tmp_path / "run.toml"]
     code, output = _cli("--cache", tiny_cache, "--out", tmp_path / "run", "--threads", 1, *args)
     assert code == 1 and "Traceback" not in output
-    assert message in output
+    assert message in output and "train:" not in output   # refused before the progress bar
+    assert not (tmp_path / "run").exists()
 
 
 UNFINISHED = [("audio", "`clipspeech extract-audio` has not finished on this cache: run it again (or "

@@ -19,6 +19,17 @@ def local_slice(batch: np.ndarray, rank: int, world_size: int) -> np.ndarray:
     return batch[rank * share:(rank + 1) * share]
 
 
+def check_batch_size(batch_size: int, n_images: int, n_utterances: int, one_caption_per_image: bool) -> None:
+    """ValueError unless batches of `batch_size` can be filled from the split."""
+    if batch_size < 2:
+        raise ValueError(f"batch_size must be >= 2 (a batch of one has no negatives), got {batch_size}")
+    limit = n_images if one_caption_per_image else n_utterances
+    if batch_size > limit:
+        what = "distinct images" if one_caption_per_image else "utterances"
+        raise ValueError(f"batch_size {batch_size} is larger than the {limit} {what}: no batch can be "
+                         f"filled; use a batch size of at most {limit}")
+
+
 class LengthBucketBatchSampler:
     """Batches of utterance indices, similar in length, never two utterances of one image.
 
@@ -128,13 +139,7 @@ class LengthBucketBatchSampler:
         return self._plan
 
     def _check_batch_size(self, batch_size: int) -> None:
-        if batch_size < 2:
-            raise ValueError(f"batch_size must be >= 2 (a batch of one has no negatives), got {batch_size}")
-        limit = self.num_images if self.one_caption_per_image else len(self.lengths)
-        if batch_size > limit:
-            what = "distinct images" if self.one_caption_per_image else "utterances"
-            raise ValueError(f"batch_size {batch_size} is larger than the {limit} {what}: no batch can be "
-                             f"filled; use a batch size of at most {limit}")
+        check_batch_size(batch_size, self.num_images, len(self.lengths), self.one_caption_per_image)
 
     def _fill_distinct(self, order: np.ndarray, batch_size: int) -> tuple[list[list[int]], list[int]]:
         """Walk `order` into full batches of distinct images, deferring duplicates.

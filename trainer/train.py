@@ -29,6 +29,7 @@ from trainer.loss import ImagesAsClassesLoss
 from trainer.model import CnnTransformer, EncoderConfig, conv_stack
 from trainer.plots import plot_curves, read_log
 from trainer.precision import autocast, pick_device
+from trainer.sampler import check_batch_size
 from trainer.schedule import run_lr
 
 
@@ -85,6 +86,8 @@ def build_run(cfg: TrainConfig, rank: int = 0, world: int = 1, device: torch.dev
     else:
         source = MemoryBatches(data, schedule, cfg.seed, rank, world, cfg.max_frames, cfg.bucket,
                                cfg.one_caption_per_image, multiple)
+    for _, size in schedule:   # before any reader starts or a progress bar is drawn
+        check_batch_size(size, len(data.image_ids), len(data), cfg.one_caption_per_image)
 
     torch.manual_seed(cfg.seed)      # the same initial weights in every process
     enc = encoder_config(cfg, data.dims, data.embed_dim)
