@@ -242,6 +242,10 @@ def train(cfg: TrainConfig) -> dict:
 
     # ---- data, model, optimiser; the dev split and keyword prompts for validation
     manifest = read_manifest(cache)
+    state = load_checkpoint(last, map_location=device) if cfg.resume and last.exists() else None
+    if state is not None:   # first: a run is only worth resuming on the embeddings it was trained against
+        check_same_cache(manifest, state, last, cache, "resume it on the cache it was trained on, or start a "
+                         "new run (another --out)")
     run = build_run(cfg, rank, world, device)
     dev = load_split(cache, "dev", device) if main else None
     dev = dev if dev is not None and len(dev) > 1 else None
@@ -254,10 +258,7 @@ def train(cfg: TrainConfig) -> dict:
         metric = "audio_to_image_R@10"   # no keyword prompts in this cache: the next best default
     best = {"metric": metric, "value": None, "step": None}
     window = {"loss": 0.0, "n": 0}        # the log window's losses so far (a resumed run continues it)
-    if cfg.resume and last.exists():
-        state = load_checkpoint(last, map_location=device)
-        check_same_cache(manifest, state, last, cache, "resume it on the cache it was trained on, or start a "
-                         "new run (another --out)")
+    if state is not None:
         best, window = _restore(run, state, last), state.get("window", window)
     elif cfg.resume and main:
         print(f"--resume: no {last} yet, starting a fresh run")
