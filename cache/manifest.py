@@ -117,33 +117,33 @@ def _show(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False)
 
 
-def settings_diff(cached: dict, requested: dict, prefix: str = "") -> list[str]:
-    """One line per differing setting, nested keys joined by dots.
+def settings_diff(cached: dict, requested: dict, prefix: str = "", holder: str = "cache") -> list[str]:
+    """One line per differing setting, nested keys joined by dots; `holder` names what holds `cached`.
 
     e.g. ["features.n_mels: cache has 80, requested 40", "features.lifter: cache has 22, requested (absent)"].
     Both sides are compared as JSON sees them, so a tuple equals the list that the manifest read back.
     """
     cached = json.loads(to_json(cached, "cached settings"))
     requested = json.loads(to_json(requested, "requested settings"))
-    return _diff(cached, requested, prefix)
+    return _diff(cached, requested, prefix, holder)
 
 
-def _diff(cached: Any, requested: Any, prefix: str) -> list[str]:
+def _diff(cached: Any, requested: Any, prefix: str, holder: str = "cache") -> list[str]:
     if isinstance(cached, dict) and isinstance(requested, dict):
         lines = []
         for key in sorted(set(cached) | set(requested)):
             name = f"{prefix}.{key}" if prefix else str(key)
             if key not in requested:
-                lines.append(f"{name}: cache has {_show(cached[key])}, requested (absent)")
+                lines.append(f"{name}: {holder} has {_show(cached[key])}, requested (absent)")
             elif key not in cached:
-                lines.append(f"{name}: cache has (absent), requested {_show(requested[key])}")
+                lines.append(f"{name}: {holder} has (absent), requested {_show(requested[key])}")
             else:
-                lines.extend(_diff(cached[key], requested[key], name))
+                lines.extend(_diff(cached[key], requested[key], name, holder))
         return lines
     # bool is an int in Python: True must not silently equal 1.
     if cached == requested and type(cached) is type(requested) or _same_number(cached, requested):
         return []
-    return [f"{prefix or '(value)'}: cache has {_show(cached)}, requested {_show(requested)}"]
+    return [f"{prefix or '(value)'}: {holder} has {_show(cached)}, requested {_show(requested)}"]
 
 
 def _same_number(a: Any, b: Any) -> bool:

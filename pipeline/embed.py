@@ -122,8 +122,8 @@ def load_teacher(model: str, pretrained: str | None, device: str = "cpu") -> Tea
                                     "takes a folder with open_clip_config.json and its weights (the demo's "
                                     "is DEMO/teacher)")
         model = f"local-dir:{folder}"
-    elif not model.startswith(SCHEMAS) and model not in open_clip.list_models():
-        close = difflib.get_close_matches(model, open_clip.list_models(), n=4)
+    elif not model.startswith(SCHEMAS) and model not in (known := open_clip.list_models()):
+        close = difflib.get_close_matches(model, known, n=4)
         raise ValueError(f"--model {model!r} is not an open_clip model name"
                          + (f"; did you mean {', '.join(close)}?" if close else "")
                          + " (open_clip.list_models() lists them; a model folder is --model local-dir:PATH)")

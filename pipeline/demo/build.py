@@ -58,10 +58,10 @@ def make_demo(cfg: MakeDemoConfig) -> dict:
     metrics_path = out / TEACHER_DIR / METRICS_FILE
     if metrics_path.is_file() and made is not None:
         metrics = json.loads(metrics_path.read_text())
-        diffs = settings_diff(metrics.get("config", {}), asdict(cfg.teacher))
+        diffs = settings_diff(metrics.get("config", {}), asdict(cfg.teacher), holder="it")
         if diffs:   # refitting would silently change every embedding a cache made from this teacher holds
             raise ValueError(f"{out / TEACHER_DIR} was fitted with other settings:\n  " + "\n  ".join(
-                diffs).replace("cache has", "it has") + f"\nFix: ask for the same settings (e.g. --teacher-steps "
+                diffs) + f"\nFix: ask for the same settings (e.g. --teacher-steps "
                 f"{metrics.get('config', {}).get('steps')}), or delete {out / TEACHER_DIR} (and the caches "
                 "made with it) to fit it again")
         summary["teacher_metrics"] = metrics
