@@ -6,35 +6,56 @@
 #   run(command="bash benchmarks/gpu_session.sh embed", carry=[".whl"])
 #
 # Phases (figures land in $OUT, or gpu-out/ outside the device tool):
+#   smoke     FIRST, about 2 minutes: tests/test_cuda.py (every GPU path against the CPU's result) and each
+#             benchmark at a toy size, so that a bug costs one short call and not a long phase. Its test
+#             report lands in $OUT/test_cuda.txt; it goes on to the toy benchmarks when a test fails.
 #   embed     embed_images.py: 20,000 Flickr-like JPEGs, ViT-B-32, PIL workers and --gpu-decode (~3 min)
 #   train     train_throughput.py at batch 64/256/1024: eager, then --compile (~6 min)
 #   train-stream  the same in stream mode (WebDataset shards, 4 reader processes)
-#   extract   extract_audio.py: 16 CPU workers against --device cuda on 20,000 espeak utterances (~5 min)
+#   extract   extract_audio.py: 16 CPU workers against --device "$device" on 20,000 espeak utterances (~5 min)
 #   seed-run  the full seed-config run (25k steps, batch 64) on the demo cache; stops after 12,500 steps
 #             and writes the wall time so far: run the phase twice (the second call resumes to 25k) -
 #             but a fresh machine loses the run, so both calls must hit the same warm machine.
 set -euo pipefail
-phase=${1:?usage: gpu_session.sh embed|train|train-stream|extract|seed-run}
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-export PYTHONPATH=/tmp/site:$PWD
+# GPU_SESSION_DEVICE=cpu runs a phase on the CPU (to check this script; no figure of it is a GPU figure).
+phase=${1:?usage: gpu_session.sh smoke|embed|train|train-stream|extract|seed-run}
+device=${GPU_SESSION_DEVICE:-cuda}
+if compgen -G ".whl/*.whl" > /dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site:$PWD
+fi
 out=${OUT:-gpu-out}
 mkdir -p "$out"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$out/gpu.txt"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$out/gpu.txt" ||
+  echo "no nvidia-smi" > "$out/gpu.txt"
 nproc >> "$out/gpu.txt"
 date -u +%F >> "$out/gpu.txt"
 
 case "$phase" in
+  smoke)
+    CLIPSPEECH_TEST_DEVICE=$device python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py \
+      > "$out/test_cuda.txt" 2>&1 || echo "tests/test_cuda.py FAILED: see $out/test_cuda.txt" >&2
+    tail -n 5 "$out/test_cuda.txt"
+    python3 benchmarks/embed_images.py --images 256 --device "$device" --batch-size 64 --workers 4 \
+      --gpu-decode --naive-images 16 --ceiling-batches 1 --quiet --out /tmp/smoke-embed \
+      --json "$out/smoke_embed.json"
+    for mode in memory stream; do
+      python3 benchmarks/train_throughput.py --device "$device" --batch-sizes 64 --steps 3 --warmup 1 \
+        --repeats 1 --layers 2 --data-mode $mode --workers 2 --json "$out/smoke_train_$mode.json"
+    done
+    python3 benchmarks/extract_audio.py --utterances 100 --workers 4 --device "$device" --repeats 1 \
+      --out /tmp/smoke-extract --json "$out/smoke_extract.json" ;;
   embed)
-    python3 benchmarks/embed_images.py --images 20000 --device cuda --batch-size 256 --workers 16 \
+    python3 benchmarks/embed_images.py --images 20000 --device "$device" --batch-size 256 --workers 16 \
       --gpu-decode --out /tmp/bench-embed --json "$out/embed_images_cuda.json" ;;
   train)
-    python3 benchmarks/train_throughput.py --device cuda --json "$out/train_throughput_cuda.json"
-    python3 benchmarks/train_throughput.py --device cuda --compile --json "$out/train_throughput_cuda_compile.json" ;;
+    python3 benchmarks/train_throughput.py --device "$device" --json "$out/train_throughput_cuda.json"
+    python3 benchmarks/train_throughput.py --device "$device" --compile --json "$out/train_throughput_cuda_compile.json" ;;
   train-stream)
-    python3 benchmarks/train_throughput.py --device cuda --data-mode stream --workers 4 \
+    python3 benchmarks/train_throughput.py --device "$device" --data-mode stream --workers 4 \
       --json "$out/train_throughput_cuda_stream.json" ;;
   extract)
-    python3 benchmarks/extract_audio.py --utterances 20000 --workers 16 --device cuda --repeats 1 \
+    python3 benchmarks/extract_audio.py --utterances 20000 --workers 16 --device "$device" --repeats 1 \
       --out /tmp/bench-extract --json "$out/extract_audio_cuda.json" ;;
   seed-run)
     demo=/tmp/seed-demo
@@ -42,15 +63,15 @@ case "$phase" in
       python3 cli.py make-demo --out "$demo/corpus" --workers 16
       python3 cli.py extract-audio --data "$demo/corpus" --cache "$demo/cache" --workers 16
       python3 cli.py embed-images --data "$demo/corpus" --cache "$demo/cache" \
-        --model "local-dir:$demo/corpus/teacher" --device cuda
+        --model "local-dir:$demo/corpus/teacher" --device "$device"
     fi
     resume=()
     [ -f "$demo/run/last.pt" ] && resume=(--resume)
     start=$(date +%s)
-    python3 cli.py train --cache "$demo/cache" --out "$demo/run" --preset seed --device cuda \
+    python3 cli.py train --cache "$demo/cache" --out "$demo/run" --preset seed --device "$device" \
       --stop-after 12500 "${resume[@]}"
     echo "$(( $(date +%s) - start )) s for this call" >> "$out/seed_run_wall.txt"
     cp "$demo/run/metrics.jsonl" "$demo/run/config.json" "$out/" ;;
   *)
-    echo "unknown phase $phase: use embed, train, train-stream, extract or seed-run" >&2; exit 2 ;;
+    echo "unknown phase $phase: use smoke, embed, train, train-stream, extract or seed-run" >&2; exit 2 ;;
 esac
