@@ -11,7 +11,8 @@
 #             report lands in $OUT/test_cuda.txt; it goes on to the toy benchmarks when a test fails.
 #   embed     embed_images.py: 20,000 Flickr-like JPEGs, ViT-B-32, PIL workers and --gpu-decode (~3 min)
 #   train     train_throughput.py at batch 64/256/1024: eager, then --compile (~6 min)
-#   train-stream  the same in stream mode (WebDataset shards, 4 reader processes)
+#   train-stream  data_path.py (the data path alone: memory mode, 1/2/4/8 stream readers), then
+#             train_throughput.py in stream mode (WebDataset shards, 4 reader processes)
 #   extract   extract_audio.py: 16 CPU workers against --device "$device" on 20,000 espeak utterances (~5 min)
 #   seed-run  the full seed-config run (25k steps, batch 64) on the demo cache; stops after 12,500 steps
 #             and writes the wall time so far: run the phase twice (the second call resumes to 25k) -
@@ -52,6 +53,8 @@ case "$phase" in
     python3 benchmarks/train_throughput.py --device "$device" --json "$out/train_throughput_cuda.json"
     python3 benchmarks/train_throughput.py --device "$device" --compile --json "$out/train_throughput_cuda_compile.json" ;;
   train-stream)
+    python3 benchmarks/data_path.py --device "$device" --readers 1 2 4 8 --utterances 32768 \
+      --json "$out/data_path_cuda.json"
     python3 benchmarks/train_throughput.py --device "$device" --data-mode stream --workers 4 \
       --json "$out/train_throughput_cuda_stream.json" ;;
   extract)

@@ -129,18 +129,27 @@ class StoreReader:
 
     def __iter__(self) -> Iterator[tuple[str, np.ndarray]]:
         """(id, array) in index order, reading each part in spans of about _SPAN_BYTES."""
-        row_bytes = self.dims * self.dtype.itemsize
-        group: list[int] = []
-        size = 0
-        for i in range(len(self) + 1):
-            if group and (i == len(self) or self._part[i] != self._part[group[0]] or size >= _SPAN_BYTES):
-                positions = np.array(group)
-                for j, array in zip(group, self._read_items(int(self._part[group[0]]), positions)):
-                    yield self.ids[j], np.array(array)
-                group, size = [], 0
-            if i < len(self):
-                group.append(i)
-                size += int(self.lengths[i]) * row_bytes
+        return zip(self.ids, self.iter_rows(np.arange(len(self), dtype=np.int64)))
+
+    def iter_rows(self, rows: np.ndarray) -> Iterator[np.ndarray]:
+        """The arrays of index rows `rows`, in that order (own copies). Neighbouring rows of one part, in
+        file order, are read together, one read per span of at most about _SPAN_BYTES: rows in index order
+        (a part, or a shard's members in tar order) read the file sequentially with no per-item parsing;
+        scattered rows cost one read each."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if self.fmt == "hdf5":
+            start = self._cols["start"][rows] * (self.dims * self.dtype.itemsize)
+        else:
+            start = self._cols["data_offset"][rows]
+        end = start + self.lengths[rows] * (self.dims * self.dtype.itemsize)
+        parts = self._part[rows]
+        first = 0
+        for i in range(1, len(rows) + 1):
+            if (i == len(rows) or parts[i] != parts[first] or start[i] < end[i - 1]
+                    or end[i] - start[first] > _SPAN_BYTES):
+                for array in self._read_items(int(parts[first]), rows[first:i]):
+                    yield np.array(array)
+                first = i
 
     def iter_batches(self, batch_size: int) -> Iterator[list[tuple[str, np.ndarray]]]:
         """Lists of up to `batch_size` (id, array) pairs in index order."""

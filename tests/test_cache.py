@@ -91,6 +91,28 @@ def test_round_trip(tmp_path, fmt):
     reader.close()
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_iter_rows_reads_any_rows_in_spans_and_gives_own_copies(tmp_path, fmt, monkeypatch):
+    store = tmp_path / "audio"
+    items = make_items()
+    order = write_store(store, fmt, items)
+    build_index(store)
+    reads = []
+    monkeypatch.setattr("cache.reader._SPAN_BYTES", 4000)   # a few of these small items per span
+    reader = StoreReader(store)
+    read_items = reader._read_items
+    monkeypatch.setattr(reader, "_read_items", lambda part, rows: reads.append(len(rows)) or read_items(part, rows))
+    rows = list(range(len(order))) + [12, 3, 3, 29, 0, 11]   # index order, then scattered rows and repeats
+    arrays = list(reader.iter_rows(np.array(rows)))
+    assert len(arrays) == len(rows)
+    for row, array in zip(rows, arrays):
+        assert np.array_equal(array, items[order[row]].astype(np.float16)), order[row]
+        assert array.flags.owndata and array.flags.writeable   # does not keep a whole span alive
+    assert sum(reads) == len(rows) and max(reads) > 1   # neighbours shared reads ...
+    assert len(reads) > 3 + 6                           # ... of at most _SPAN_BYTES, not a part at once
+    assert list(reader.iter_rows(np.zeros(0, np.int64))) == []
+
+
 def test_webdataset_reads_every_sample_of_wds_parts(tmp_path):
     import webdataset  # here, not at the top: it imports torch, which spawned workers would pay for
 
