@@ -40,6 +40,8 @@ def rate(cfg: TrainConfig, steps: int, warmup: int, repeats: int) -> float:
             step += 1
         best = 0.0
         for _ in range(repeats):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
             start, utterances = time.perf_counter(), 0
             for _ in range(steps):
                 batch = source.next(step)

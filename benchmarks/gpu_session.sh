@@ -6,7 +6,7 @@
 #   run(command="bash benchmarks/gpu_session.sh embed", carry=[".whl"])
 #
 # Phases (figures land in $OUT, or gpu-out/ outside the device tool):
-#   smoke     FIRST, about 2 minutes: tests/test_cuda.py (every GPU path against the CPU's result) and each
+#   smoke     FIRST, 3-5 minutes (timeout_s=600): tests/test_cuda.py (every GPU path against the CPU's result) and each
 #             benchmark at a toy size, so that a bug costs one short call and not a long phase. Its test
 #             report lands in $OUT/test_cuda.txt; it goes on to the toy benchmarks when a test fails.
 #   embed     embed_images.py: 20,000 Flickr-like JPEGs, ViT-B-32, PIL workers and --gpu-decode (~3 min)

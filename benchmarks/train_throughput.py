@@ -27,7 +27,7 @@ from cache.index import build_index  # noqa: E402
 from cache.manifest import AUDIO_STORE, IMAGE_STORE, TEXT_STORE, claim_section, write_records  # noqa: E402
 from cache.store import PartWriter  # noqa: E402
 from trainer.config import TrainConfig  # noqa: E402
-from trainer.data import Batch  # noqa: E402
+from trainer.data import COMPILE_BUCKET, Batch, padded_frames  # noqa: E402
 from trainer.train import advance, build_run, fit_step  # noqa: E402
 
 DIMS, EMBED_DIM, CAPTIONS = 39, 512, 5
@@ -96,7 +96,9 @@ def measure(cfg: TrainConfig, frames: int, steps: int, warmup: int, repeats: int
         x = torch.randn(rows, EMBED_DIM, generator=gen, device=device)
         return x / x.norm(dim=1, keepdim=True)
 
-    fixed = Batch(torch.randn(batch, frames, DIMS, generator=gen, device=device),
+    # the real loop pads T to a multiple of COMPILE_BUCKET with --compile (400 -> 512): the same shape here
+    padded = padded_frames(frames, cfg.max_frames, COMPILE_BUCKET if cfg.compile else 1)
+    fixed = Batch(torch.randn(batch, padded, DIMS, generator=gen, device=device),
                   torch.full((batch,), frames, dtype=torch.long, device=device), unit(batch), unit(batch),
                   batch)
     paths = {"real": lambda: advance(run)[0], "ceiling": lambda: fit_step(run, fixed)}

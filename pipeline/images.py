@@ -137,7 +137,6 @@ def decode_on_device(items: list[torch.Tensor], reasons: list[str], preprocess, 
     is decoded by PIL instead, and one that PIL cannot decode either gets its reason set here. The rows of the
     result are the items whose reason is still "" afterwards.
     """
-    from torchvision.io import ImageReadMode, decode_jpeg
     steps, normalize = device_steps(preprocess)
     slots = [i for i, reason in enumerate(reasons) if not reason]   # batch position of each item
     assert len(slots) == len(items), "items must be the images of `reasons` that have no failure"
@@ -145,12 +144,12 @@ def decode_on_device(items: list[torch.Tensor], reasons: list[str], preprocess, 
     jpegs = [(s, x) for s, x in zip(slots, items) if x.dim() == 1]
     if jpegs:
         try:   # one call decodes the whole batch (batched nvjpeg on a GPU)
-            decoded = decode_jpeg([x for _, x in jpegs], mode=ImageReadMode.RGB, device=device)
+            decoded = _decode_jpegs([x for _, x in jpegs], device)
             images.update(zip([s for s, _ in jpegs], decoded))
         except RuntimeError:   # one file it cannot decode fails the call: decode them one at a time
             for s, x in jpegs:
                 try:
-                    images[s] = decode_jpeg(x, mode=ImageReadMode.RGB, device=device)
+                    images[s] = _decode_jpegs([x], device)[0]
                 except RuntimeError:
                     try:
                         images[s] = pil_to_uint8(open_rgb(io.BytesIO(x.numpy().tobytes())))
@@ -171,6 +170,33 @@ def decode_on_device(items: list[torch.Tensor], reasons: list[str], preprocess, 
         return torch.zeros(0, 3, 1, 1, device=device)
     x = torch.stack([done[s] for s in sorted(done)])
     return normalize(x.float() / 255)
+
+
+_SIDE_STREAMS: dict[torch.device, "torch.cuda.Stream"] = {}
+
+
+def _decode_jpegs(data: list[torch.Tensor], device: str) -> list[torch.Tensor]:
+    """torchvision's decode_jpeg of a list of JPEG byte tensors to RGB uint8 on `device`.
+
+    On a GPU it runs with a side stream current. torchvision allocates the outputs on the current stream and
+    nvJPEG writes them from a stream of its own that waits for nothing (pytorch/vision PR #9606, unmerged;
+    nvJPEG's hardware engine ignores stream order anyway: meta-pytorch/torchcodec PR #1634): from the main
+    stream's pool it could be handed a block that the image tower of the previous batch, still queued,
+    is about to read. The side stream's pool only holds the decoder's own earlier outputs, which
+    record_stream keeps until the main stream is done with them; the main stream waits for the decode.
+    """
+    from torchvision.io import ImageReadMode, decode_jpeg
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        return decode_jpeg(data, mode=ImageReadMode.RGB, device=dev)
+    main = torch.cuda.current_stream(dev)
+    side = _SIDE_STREAMS.setdefault(main.device, torch.cuda.Stream(main.device))
+    with torch.cuda.stream(side):
+        decoded = decode_jpeg(data, mode=ImageReadMode.RGB, device=main.device)
+    main.wait_stream(side)
+    for image in decoded:
+        image.record_stream(main)
+    return decoded
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -222,7 +248,7 @@ def _encode_async(model, x: torch.Tensor | None, device: str):
     host = torch.empty(emb.shape, dtype=emb.dtype, pin_memory=True)
     host.copy_(emb, non_blocking=True)
     ready = torch.cuda.Event()
-    ready.record()
+    ready.record(torch.cuda.current_stream(emb.device))   # the copy's stream, on whichever GPU
     return host, ready
 
 

@@ -267,6 +267,31 @@ def test_a_run_resumes_on_another_number_of_processes(mode, tiny_cache, tiny_wds
     assert steps and all(int(step) == 6 for step in steps)
 
 
+@pytest.mark.parametrize("device, backend", [("cpu", "gloo"), ("auto", "nccl"), ("cuda", "nccl")])
+def test_torchrun_picks_the_backend_of_the_run_s_device(device, backend, monkeypatch):
+    """On a GPU host (faked here) a --device cpu run under torchrun must use gloo: NCCL cannot carry CPU
+    tensors, and set_device(LOCAL_RANK) fails where LOCAL_RANK >= the number of GPUs."""
+    from trainer import train as train_module
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append(("set_device", str(d))))
+    monkeypatch.setattr(train_module.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(train_module.dist, "init_process_group", lambda b: calls.append(("init", b)))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    _, _, picked = train_module._init_distributed(device)
+    assert ("init", backend) in calls
+    assert str(picked) == ("cpu" if backend == "gloo" else "cuda:1")
+    assert any(c[0] == "set_device" for c in calls) == (backend == "nccl")
+
+
+def test_torchrun_refuses_one_explicit_gpu_for_every_process(monkeypatch):
+    from trainer.train import _init_distributed
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="--device cuda:0 under torchrun would put all 2 processes on one GPU"):
+        _init_distributed("cuda:0")
+
+
 def _ddp_stream_rank(rank: int, port: int, config: dict, record: str) -> None:
     """A stream-mode rank that also saves the image rows of each of its local batches."""
     seen = _record_batches(pytest.MonkeyPatch())   # this process's own patch, gone when it exits

@@ -56,18 +56,22 @@ def load_encoder(path: str | Path, device="cpu") -> tuple[CnnTransformer, dict]:
     return model.to(device).eval(), state
 
 
-def rng_state(generator: torch.Generator) -> dict:
+def rng_state(generator: torch.Generator, device: torch.device) -> dict:
+    """Every random stream a step draws from; of the GPUs, only `device`'s (a checkpoint written where 8
+    GPUs were visible must resume where 1 is)."""
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
              "augment": generator.get_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state: dict, generator: torch.Generator) -> None:
+def set_rng_state(state: dict, generator: torch.Generator, device: torch.device) -> None:
+    """Restores what rng_state saved. RNG states must be CPU byte tensors: load the checkpoint with
+    map_location="cpu"."""
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    generator.set_state(state["augment"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    torch.set_rng_state(state["torch"].cpu())
+    generator.set_state(state["augment"].cpu())
+    if device.type == "cuda" and state.get("cuda") is not None:
+        torch.cuda.set_rng_state(state["cuda"].cpu(), device)

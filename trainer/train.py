@@ -148,16 +148,21 @@ def advance(run: Run) -> tuple[torch.Tensor, int]:
 # Processes, logs, checkpoints
 
 
-def _init_distributed() -> tuple[int, int, int]:
-    """(rank, world_size, local_rank); initialises the process group when launched by torchrun."""
+def _init_distributed(device_name: str) -> tuple[int, int, torch.device]:
+    """(rank, world_size, device); initialises the process group when launched by torchrun: NCCL when the
+    run's device is a GPU (each process on cuda:LOCAL_RANK), gloo when it is the CPU."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if world > 1 and device_name.startswith("cuda:"):
+        raise ValueError(f"--device {device_name} under torchrun would put all {world} processes on one GPU; "
+                         "use --device cuda (or auto): each process takes cuda:LOCAL_RANK")
+    device = pick_device(device_name, local_rank)
     if world > 1 and not dist.is_initialized():
-        if torch.cuda.is_available():
-            torch.cuda.set_device(local_rank)
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     rank, world = world_info()
-    return rank, world, local_rank
+    return rank, world, device
 
 
 def _per_rank(obj, world: int) -> list:
@@ -214,7 +219,7 @@ def _restore(run: Run, state: dict, last: Path) -> dict:
         if mine is None:
             run.source.reshuffle(run.step)
     if mine is not None:
-        set_rng_state(mine["rng"], run.generator)
+        set_rng_state(mine["rng"], run.generator, run.device)
     else:   # another number of processes: fresh random streams, seeded by the step
         torch.manual_seed(run.cfg.seed + run.rank + 7919 * run.step)
         run.generator.manual_seed(run.cfg.seed + run.rank + 7919 * run.step)
@@ -229,9 +234,8 @@ def _restore(run: Run, state: dict, last: Path) -> dict:
 def train(cfg: TrainConfig) -> dict:
     """Trains until cfg.steps (or cfg.stop_after more steps); returns {"step", "best", "dev"}."""
     from tqdm import tqdm
-    rank, world, local_rank = _init_distributed()
+    rank, world, device = _init_distributed(cfg.device)
     main = rank == 0
-    device = pick_device(cfg.device, local_rank)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out, cache = Path(cfg.out), Path(cfg.cache)
@@ -242,7 +246,8 @@ def train(cfg: TrainConfig) -> dict:
 
     # ---- data, model, optimiser; the dev split and keyword prompts for validation
     manifest = read_manifest(cache)
-    state = load_checkpoint(last, map_location=device) if cfg.resume and last.exists() else None
+    # on the CPU: RNG states must stay CPU tensors; load_state_dict moves weights and optimiser state
+    state = load_checkpoint(last) if cfg.resume and last.exists() else None
     if state is not None:   # first: a run is only worth resuming on the embeddings it was trained against
         check_same_cache(manifest, state, last, cache, "resume it on the cache it was trained on, or start a "
                          "new run (another --out)")
@@ -281,7 +286,7 @@ def train(cfg: TrainConfig) -> dict:
                                **resume_state})
 
     def checkpoint(window_loss: float, window_n: int) -> None:
-        ranks = _per_rank({"rng": rng_state(run.generator), "data": run.source.state_dict()}, world)
+        ranks = _per_rank({"rng": rng_state(run.generator, run.device), "data": run.source.state_dict()}, world)
         if main:
             weights(last, loss=run.loss_fn.state_dict(), optimizer=run.optimizer.state_dict(), ranks=ranks,
                     window={"loss": window_loss, "n": window_n})
