@@ -210,6 +210,10 @@ def _flag(name: str, help: str):
 @_flag("bucket", "Length-bucketed batches [on].")
 @_flag("one-caption-per-image", "Never two captions of one image in a batch [on].")
 @_flag("compile", "torch.compile the encoder, one static graph per 128-frame length bucket [off].")
+@click.option("--compile-mode", type=click.Choice(["default", "reduce-overhead", "max-autotune",
+                                                   "max-autotune-no-cudagraphs"]), default=None,
+              help="torch.compile mode with --compile: reduce-overhead replays CUDA graphs, fewer kernel "
+                   "launches for small batches on a GPU [default].")
 @click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=None, help="Transformer dropout [0.1].")
 @click.option("--data-mode", type=click.Choice(["memory", "stream"]), default=None,
               help="memory: all features in one tensor on the device (default); stream: read WebDataset shards "

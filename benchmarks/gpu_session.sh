@@ -10,7 +10,8 @@
 #             benchmark at a toy size, so that a bug costs one short call and not a long phase. Its test
 #             report lands in $OUT/test_cuda.txt; it goes on to the toy benchmarks when a test fails.
 #   embed     embed_images.py: 20,000 Flickr-like JPEGs, ViT-B-32, PIL workers and --gpu-decode (~3 min)
-#   train     train_throughput.py at batch 64/256/1024: eager, then --compile (~6 min)
+#   train     train_throughput.py at batch 64/256/1024: eager, then --compile; then --compile-mode
+#             reduce-overhead (CUDA graphs) at 64/256, the small-batch remedy (~8 min)
 #   train-stream  data_path.py (the data path alone: memory mode, 1/2/4/8 stream readers), then
 #             train_throughput.py in stream mode (WebDataset shards, 4 reader processes)
 #   extract   extract_audio.py: 16 CPU workers against --device "$device" on 20,000 espeak utterances (~5 min)
@@ -51,7 +52,9 @@ case "$phase" in
       --gpu-decode --out /tmp/bench-embed --json "$out/embed_images_cuda.json" ;;
   train)
     python3 benchmarks/train_throughput.py --device "$device" --json "$out/train_throughput_cuda.json"
-    python3 benchmarks/train_throughput.py --device "$device" --compile --json "$out/train_throughput_cuda_compile.json" ;;
+    python3 benchmarks/train_throughput.py --device "$device" --compile --json "$out/train_throughput_cuda_compile.json"
+    python3 benchmarks/train_throughput.py --device "$device" --compile --compile-mode reduce-overhead \
+      --batch-sizes 64,256 --json "$out/train_throughput_cuda_cudagraphs.json" ;;
   train-stream)
     python3 benchmarks/data_path.py --device "$device" --readers 1 2 4 8 --utterances 32768 \
       --json "$out/data_path_cuda.json"

@@ -125,6 +125,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="alternating rounds; the best counts")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--compile-mode", default="default",
+                        help="torch.compile mode with --compile, e.g. reduce-overhead (CUDA graphs) [default]")
     parser.add_argument("--data-mode", choices=["memory", "stream"], default="memory")
     parser.add_argument("--workers", type=int, default=4, help="stream readers")
     parser.add_argument("--utterances", type=int, default=0,
@@ -148,7 +150,8 @@ def main() -> None:
         results = []
         for batch in sizes:
             cfg = TrainConfig(cache=str(cache), batch_size=batch, steps=10**9, warmup=0, device=args.device,
-                              compile=args.compile, data_mode=args.data_mode, workers=args.workers,
+                              compile=args.compile, compile_mode=args.compile_mode, data_mode=args.data_mode,
+                              workers=args.workers,
                               threads=args.threads, max_frames=max(2048, args.frames), layers=args.layers,
                               progress=False)
             if args.threads:

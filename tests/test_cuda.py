@@ -136,9 +136,11 @@ def test_a_run_stopped_and_resumed_on_the_device_logs_the_same_losses(mode, tiny
 
 
 @pytest.mark.slow
-def test_compiled_training_on_the_device_logs_the_losses_of_eager(tiny_cache, tmp_path):
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+def test_compiled_training_on_the_device_logs_the_losses_of_eager(mode, tiny_cache, tmp_path):
+    """reduce-overhead: CUDA graphs replayed step after step, whose outputs live in reused memory."""
     common = dict(steps=3, dropout=0.0, spec_augment=False, max_frames=128)
-    train(_config(tiny_cache, tmp_path / "compiled", compile=True, **common))
+    train(_config(tiny_cache, tmp_path / "compiled", compile=True, compile_mode=mode, **common))
     train(_config(tiny_cache, tmp_path / "eager", **common))
     compiled, eager = _losses(tmp_path / "compiled"), _losses(tmp_path / "eager")
     assert sorted(compiled) == sorted(eager) == [1, 2, 3]

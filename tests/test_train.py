@@ -448,6 +448,17 @@ def test_compiled_training_logs_the_losses_of_eager(tiny_cache, tmp_path):
     assert load_checkpoint(tmp_path / "compiled" / "last.pt")["config"]["compile"] is True
 
 
+def test_compile_mode_reaches_torch_compile_and_needs_compile(tiny_cache, tmp_path, monkeypatch):
+    from trainer.train import build_run
+    modes = []
+    monkeypatch.setattr(torch, "compile", lambda module, **kw: modes.append(kw["mode"]) or module)
+    for mode, want in (("reduce-overhead", "reduce-overhead"), ("default", None)):
+        build_run(_config(tiny_cache, tmp_path, compile=True, compile_mode=mode)).source.close()
+        assert modes.pop() == want
+    with pytest.raises(ValueError, match="compile_mode = 'max-autotune' needs compile = true"):
+        _config(tiny_cache, tmp_path, compile_mode="max-autotune")
+
+
 @pytest.mark.skipif(not cpu_has_native_bf16(), reason="this CPU has no native bf16")
 def test_cpu_bf16_training_learns_and_keeps_fp32_weights(tiny_cache, tmp_path):
     out = tmp_path / "run"

@@ -21,6 +21,9 @@ ENCODER_FIELDS = ("layers", "heads", "width", "ff_dim", "dropout", "pos_emb", "p
                   "max_frames", "conv_init")
 BEST_METRICS = ("keyword_mAP", "audio_to_image_R@10", "image_to_audio_R@10", "loss")
 DATA_MODES = ("memory", "stream")
+# torch.compile modes; reduce-overhead replays CUDA graphs (fewer kernel launches: the small-batch remedy)
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")
 _SEED = EncoderConfig
 
 
@@ -65,6 +68,7 @@ class TrainConfig:
     # run
     device: str = "auto"              # auto | cpu | cuda | cuda:N
     compile: bool = False             # torch.compile, one graph per 128-frame length bucket
+    compile_mode: str = "default"     # with compile: default | reduce-overhead (CUDA graphs) | max-autotune ...
     eval_every: int = 1000
     save_every: int = 1000
     log_every: int = 50
@@ -80,7 +84,7 @@ class TrainConfig:
         _check_types(self)
         choices = {"pos_emb": POS_EMBS, "pooling": POOLINGS, "conv_init": CONV_INITS, "targets": TARGETS,
                    "preset": tuple(PRESETS),
-                   "best_metric": BEST_METRICS, "data_mode": DATA_MODES}
+                   "best_metric": BEST_METRICS, "data_mode": DATA_MODES, "compile_mode": COMPILE_MODES}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} = {getattr(self, name)!r}: use one of {', '.join(allowed)}")
@@ -98,6 +102,8 @@ class TrainConfig:
             raise ValueError("lr must be positive; weight_decay and grad_clip 0 or more")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout = {self.dropout}: must be in [0, 1)")
+        if self.compile_mode != "default" and not self.compile:
+            raise ValueError(f"compile_mode = {self.compile_mode!r} needs compile = true (--compile)")
         if self.width % self.heads:
             raise ValueError(f"width {self.width} is not divisible by heads {self.heads}")
         if self.batch_schedule:

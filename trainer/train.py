@@ -21,7 +21,7 @@ from cache.manifest import atomic_write_json, atomic_write_text, read_manifest
 from trainer.augment import spec_augment
 from trainer.checkpoint import (cache_identity, check_same_cache, load_checkpoint, rng_state, save_checkpoint,
                                 set_rng_state)
-from trainer.config import ENCODER_FIELDS, TrainConfig
+from trainer.config import CUDAGRAPH_MODES, ENCODER_FIELDS, TrainConfig
 from trainer.data import COMPILE_BUCKET, Batch, MemoryBatches, load_keywords, load_split
 from trainer.distributed import world_info
 from trainer.evaluate import dev_metrics
@@ -109,7 +109,8 @@ def build_run(cfg: TrainConfig, rank: int = 0, world: int = 1, device: torch.dev
                      "accumulated_cache_size_limit"):
             if hasattr(config, name):
                 setattr(config, name, max(getattr(config, name), limit))
-        forward = torch.compile(forward, dynamic=False)
+        forward = torch.compile(forward, dynamic=False,
+                                mode=None if cfg.compile_mode == "default" else cfg.compile_mode)
     generator = torch.Generator(device=device).manual_seed(cfg.seed + rank)
     return Run(cfg, device, rank, world, enc, model, forward, loss_fn, optimizer, source, generator)
 
@@ -117,6 +118,9 @@ def build_run(cfg: TrainConfig, rank: int = 0, world: int = 1, device: torch.dev
 def fit_step(run: Run, batch: Batch) -> torch.Tensor:
     """One optimisation step on `batch`; returns the loss (detached, on the device: no sync)."""
     feats = batch.feats
+    if run.cfg.compile and run.cfg.compile_mode in CUDAGRAPH_MODES:
+        # CUDA graphs (reduce-overhead, max-autotune) reuse their output memory: a new step begins here
+        torch.compiler.cudagraph_mark_step_begin()
     if run.cfg.spec_augment:
         feats = spec_augment(feats, batch.lengths, run.generator)
     with autocast(run.device, run.cfg.cpu_bf16):
