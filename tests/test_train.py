@@ -153,6 +153,9 @@ def test_stopped_and_resumed_run_logs_the_same_losses(mode, tiny_cache, tiny_wds
     records = [json.loads(line) for line in (tmp_path / "parts" / "metrics.jsonl").read_text().splitlines()]
     sizes = [r["batch_size"] for r in records if "loss" in r]
     assert sizes == [int(schedule[0])] * 5 + [int(schedule[-1])] * 4
+    elapsed = [r["elapsed_s"] for r in records if "loss" in r]   # wall time carried over the stop
+    assert all(0 < a < b for a, b in zip(elapsed, elapsed[1:])), elapsed
+    assert 0 < load_checkpoint(tmp_path / "parts" / "last.pt")["elapsed_s"] < elapsed[-1] + 1
     assert all(torch.equal(a, b) for a, b in zip(whole_batches, batch_images[len(whole_batches):], strict=True))
     _assert_distinct_images(batch_images, cache)
 

@@ -183,7 +183,7 @@ def _log(path: Path, record: dict, tb=None) -> None:
         f.write(json.dumps(record) + "\n")
     if tb is not None:
         for k, v in record.items():
-            if k != "step" and isinstance(v, (int, float)):
+            if k not in ("step", "elapsed_s") and isinstance(v, (int, float)):   # TensorBoard keeps wall time
                 tb.add_scalar(k, v, record["step"])
 
 
@@ -267,8 +267,10 @@ def train(cfg: TrainConfig) -> dict:
         metric = "audio_to_image_R@10"   # no keyword prompts in this cache: the next best default
     best = {"metric": metric, "value": None, "step": None}
     window = {"loss": 0.0, "n": 0}        # the log window's losses so far (a resumed run continues it)
+    elapsed = 0.0                         # wall seconds of the loop in earlier invocations of this run
     if state is not None:
         best, window = _restore(run, state, last), state.get("window", window)
+        elapsed = state.get("elapsed_s", 0.0)
     elif cfg.resume and main:
         print(f"--resume: no {last} yet, starting a fresh run")
 
@@ -293,7 +295,7 @@ def train(cfg: TrainConfig) -> dict:
         ranks = _per_rank({"rng": rng_state(run.generator, run.device), "data": run.source.state_dict()}, world)
         if main:
             weights(last, loss=run.loss_fn.state_dict(), optimizer=run.optimizer.state_dict(), ranks=ranks,
-                    window={"loss": window_loss, "n": window_n})
+                    window={"loss": window_loss, "n": window_n}, elapsed_s=elapsed_s())
 
     # ---- the loop
     end = cfg.steps if not cfg.stop_after else min(cfg.steps, run.step + cfg.stop_after)
@@ -303,6 +305,12 @@ def train(cfg: TrainConfig) -> dict:
     window_loss = torch.tensor(window["loss"], dtype=torch.float32, device=device)  # summed on the device
     window_n, window_utt, window_t, paused = window["n"], 0, time.perf_counter(), 0.0
     last_eval: dict = {}
+    loop_start = time.perf_counter()
+
+    def elapsed_s() -> float:
+        """Wall seconds of training so far, resumed invocations included (validation and checkpoints too)."""
+        return elapsed + time.perf_counter() - loop_start
+
     run.model.train()
     try:
         while run.step < end:
@@ -316,7 +324,7 @@ def train(cfg: TrainConfig) -> dict:
                 record = {"step": step, "loss": float(window_loss) / window_n,
                           "lr": run.optimizer.param_groups[0]["lr"],
                           "temperature": float(run.loss_fn.logit_scale.detach().exp()), "batch_size": size,
-                          "utt_per_s": window_utt / seconds}
+                          "utt_per_s": window_utt / seconds, "elapsed_s": elapsed_s()}
                 _log(log_path, record, tb)
                 bar.set_postfix(loss=f"{record['loss']:.3f}", t=f"{record['temperature']:.1f}",
                                 utt_s=f"{record['utt_per_s']:.0f}")
