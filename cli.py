@@ -228,6 +228,8 @@ def train(toml, preset, **options):
 
     The first logged loss of a fresh run sits near ln(batch size), the chance level of the loss.
     Multi-GPU: torchrun --nproc-per-node N cli.py train ... (the loss sees the global batch).
+    SIGTERM or SIGUSR1 (a scheduler's notice) writes RUN_DIR/last.pt after the current step and exits;
+    --resume continues from there.
     """
     from trainer.config import resolve_config
     from trainer.train import train as run

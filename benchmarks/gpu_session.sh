@@ -6,8 +6,8 @@
 #   run(command="bash benchmarks/gpu_session.sh embed", carry=[".whl"])
 #
 # Phases (figures land in $OUT, or gpu-out/ outside the device tool):
-#   smoke     FIRST, 3-5 minutes (timeout_s=600): tests/test_cuda.py (every GPU path against the CPU's result) and each
-#             benchmark at a toy size, so that a bug costs one short call and not a long phase. Its test
+#   smoke     FIRST, 3-5 minutes (timeout_s=600): tests/test_cuda.py (every GPU path against the CPU's
+#             result) and each benchmark at a toy size, so that a bug costs one short call and not a long phase. Its test
 #             report lands in $OUT/test_cuda.txt; it goes on to the toy benchmarks when a test fails.
 #   embed     embed_images.py: 20,000 Flickr-like JPEGs, ViT-B-32, PIL workers and --gpu-decode (~3 min)
 #   train     train_throughput.py at batch 64/256/1024: eager, then --compile; then --compile-mode
@@ -15,11 +15,14 @@
 #   train-stream  data_path.py (the data path alone: memory mode, 1/2/4/8 stream readers), then
 #             train_throughput.py in stream mode (WebDataset shards, 4 reader processes)
 #   extract   extract_audio.py: 16 CPU workers against --device "$device" on 20,000 espeak utterances (~5 min)
-#   seed-run  the full seed-config run (25k steps, batch 64) on the demo cache; stops after 12,500 steps
-#             and writes the wall time so far (metrics.jsonl's elapsed_s, carried over resumes): run the
-#             phase twice (the second call resumes to 25k) - but a fresh machine loses the run, so both
-#             calls must hit the same warm machine. A call killed at its limit loses only the steps since
-#             the last checkpoint (every 1,000): the next call resumes from there.
+#   seed-run  the full seed-config run (25k steps, batch 64) on the demo cache, as far as one call allows:
+#             train gets SIGTERM before the call's limit, writes last.pt and exits; run the phase again
+#             (on the same warm machine: a fresh one loses the run) until metrics.jsonl reaches step
+#             25,000. Its elapsed_s is the run's training wall time over all calls. Extra arguments go to
+#             train, e.g. `seed-run --compile --compile-mode reduce-overhead`.
+#
+# Budget: 30 device minutes a session, machine start included. In order of need: smoke (3-5 min), embed
+# (~3), train (~8), seed-run (1-2 calls); then train-stream and extract if time is left.
 set -euo pipefail
 # GPU_SESSION_DEVICE=cpu runs a phase on the CPU (to check this script; no figure of it is a GPU figure).
 phase=${1:?usage: gpu_session.sh smoke|embed|train|train-stream|extract|seed-run}
@@ -76,10 +79,11 @@ case "$phase" in
     resume=()
     [ -f "$demo/run/last.pt" ] && resume=(--resume)
     start=$(date +%s)
-    # what is left of a 10-minute call (the demo's set-up took some), so that the files still come back
+    # for what is left of a 10-minute call (the demo's set-up took some); timeout's SIGTERM makes train
+    # write last.pt after its current step and exit, so the next call resumes exactly where this one stopped
     timeout $(( 570 - SECONDS )) python3 cli.py train --cache "$demo/cache" --out "$demo/run" --preset seed \
-      --device "$device" --stop-after 12500 "${resume[@]}" ||
-      echo "train stopped (time limit?): run the phase again, it resumes from the last checkpoint" >&2
+      --device "$device" "${resume[@]}" "${@:2}" ||
+      echo "train stopped at the call's limit: run the phase again to resume" >&2
     echo "$(( $(date +%s) - start )) s for this call (set-up included); the run's own clock is" \
       "metrics.jsonl's elapsed_s (training wall seconds over all calls)" >> "$out/seed_run_wall.txt"
     cp "$demo/run/metrics.jsonl" "$demo/run/config.json" "$out/" ;;

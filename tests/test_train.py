@@ -8,7 +8,11 @@ import math
 import shutil
 import multiprocessing as mp
 import os
+import signal
 import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -169,6 +173,45 @@ def test_resume_after_a_crash_mid_log_line(tiny_cache, tmp_path):
         f.write('{"step": 3, "loss": 2.')
     train(_config(tiny_cache, out, steps=4, resume=True))
     assert sorted(_losses(out)) == [1, 2, 3, 4]
+
+
+def _train_until_sigterm(config: dict, run_dir: Path, after_step: int) -> tuple[int, str]:
+    """Runs train(config) in a process group of its own, sends SIGTERM to the whole group (as a scheduler
+    does) once metrics.jsonl shows `after_step`; (exit status, stderr)."""
+    root = Path(__file__).resolve().parents[1]
+    code = ("import json, sys; from trainer.config import resolve_config; from trainer.train import train; "
+            "o = json.loads(sys.argv[1]); train(resolve_config(o.pop('preset'), **o))")
+    proc = subprocess.Popen([sys.executable, "-c", code, json.dumps(config)], cwd=root, start_new_session=True,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(root)})
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if (run_dir / "metrics.jsonl").is_file() and max(_losses(run_dir), default=0) >= after_step:
+            os.killpg(proc.pid, signal.SIGTERM)
+            break
+        time.sleep(0.05)
+    _, err = proc.communicate(timeout=120)
+    return proc.returncode, err
+
+
+@pytest.mark.parametrize("mode", ["memory", "stream"])
+def test_sigterm_writes_last_pt_and_the_resumed_run_logs_the_same_losses(mode, tiny_cache, tiny_wds_cache,
+                                                                         tmp_path):
+    """A scheduler's SIGTERM (to the training process and its stream readers alike) ends the step, writes
+    last.pt and exits cleanly; --resume then continues exactly. save_every 1000: without the signal
+    handling nothing would be saved."""
+    cache = tiny_cache if mode == "memory" else tiny_wds_cache
+    common = dict(steps=1000, dropout=0.1, data_mode=mode, workers=2, batch_size=8 if mode == "memory" else 4)
+    options = {**TINY, **common, "cache": str(cache), "out": str(tmp_path / "parts")}
+    status, err = _train_until_sigterm(options, tmp_path / "parts", after_step=5)
+    assert status == 0, err
+    stopped = load_checkpoint(tmp_path / "parts" / "last.pt")["step"]
+    assert 5 <= stopped < 1000
+    assert f"SIGTERM received; stopped after step {stopped}" in err
+    train(_config(cache, tmp_path / "parts", resume=True, stop_after=4, **common))
+    train(_config(cache, tmp_path / "whole", stop_after=stopped + 4, **common))
+    whole, parts = _losses(tmp_path / "whole"), _losses(tmp_path / "parts")
+    assert sorted(parts) == sorted(whole) == list(range(1, stopped + 5))
+    assert [parts[s] for s in whole] == [whole[s] for s in whole]
 
 
 def test_stream_mode_needs_a_webdataset_cache(tiny_cache, tmp_path):

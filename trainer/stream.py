@@ -245,6 +245,15 @@ class ShardStream(torch.utils.data.IterableDataset):
                 "positions": torch.from_numpy(positions.astype(np.int64)), "tag": torch.tensor(tag)}
 
 
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Readers ignore the scheduler's SIGTERM/SIGUSR1 (sent to the whole process group): the training
+    process takes it, writes last.pt at the end of its step and then shuts the readers down itself; a
+    reader killed first would make the DataLoader raise in the middle of that step."""
+    import signal
+    for s in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(s, signal.SIG_IGN)
+
+
 class StreamBatches:
     """--data-mode stream, main-process side: the same `next(step) -> Batch` as data.MemoryBatches."""
 
@@ -279,7 +288,8 @@ class StreamBatches:
         # (dropout) when a resumed run starts its loader at another step than the original run did
         self._loader = torch.utils.data.DataLoader(
             stream, batch_size=None, num_workers=self.workers, pin_memory=self.device.type == "cuda",
-            prefetch_factor=4 if self.workers else None, generator=torch.Generator().manual_seed(0))
+            prefetch_factor=4 if self.workers else None, generator=torch.Generator().manual_seed(0),
+            worker_init_fn=_ignore_stop_signals)
         self._iter = iter(self._loader)
 
     def next(self, step: int) -> Batch:

@@ -6,10 +6,13 @@ the one optimisation step and `advance` the one loop body, used by `train` and b
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -235,8 +238,45 @@ def _restore(run: Run, state: dict, last: Path) -> dict:
     return state["best"]
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)   # a scheduler's notice (Slurm: SIGTERM, or --signal=USR1)
+
+
+@contextlib.contextmanager
+def _stop_requests():
+    """A dict whose "signal" is set when SIGTERM or SIGUSR1 arrives while the loop runs, so that the loop can
+    write last.pt at the end of its step and return, instead of dying with up to save_every steps unsaved.
+    Only the main thread of a process can take signals; elsewhere nothing is installed."""
+    request = {"signal": None}
+    if threading.current_thread() is not threading.main_thread():
+        yield request
+        return
+
+    def note(signum, frame):
+        request["signal"] = signum
+
+    previous = {s: signal.signal(s, note) for s in STOP_SIGNALS}
+    try:
+        yield request
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def _stop_now(request: dict, step: int, log_every: int, world: int, device: torch.device) -> bool:
+    """Whether every process stops after this step: at once in one process; with several, the processes
+    agree at log steps (one all-reduce per log_every steps), as they must stop at the same step."""
+    if world == 1:
+        return request["signal"] is not None
+    if step % log_every:
+        return False
+    flag = torch.tensor([request["signal"] is not None], dtype=torch.int32, device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
 def train(cfg: TrainConfig) -> dict:
-    """Trains until cfg.steps (or cfg.stop_after more steps); returns {"step", "best", "dev"}."""
+    """Trains until cfg.steps, cfg.stop_after more steps or a SIGTERM/SIGUSR1 (which writes last.pt first);
+    returns {"step", "best", "dev", "stopped": the signal's name or None}."""
     from tqdm import tqdm
     rank, world, device = _init_distributed(cfg.device)
     main = rank == 0
@@ -306,6 +346,7 @@ def train(cfg: TrainConfig) -> dict:
     window_n, window_utt, window_t, paused = window["n"], 0, time.perf_counter(), 0.0
     last_eval: dict = {}
     loop_start = time.perf_counter()
+    stopped = None
 
     def elapsed_s() -> float:
         """Wall seconds of training so far, resumed invocations included (validation and checkpoints too)."""
@@ -313,49 +354,57 @@ def train(cfg: TrainConfig) -> dict:
 
     run.model.train()
     try:
-        while run.step < end:
-            loss, size = advance(run)
-            step = run.step
-            window_loss += loss
-            window_n, window_utt = window_n + 1, window_utt + size
+        with _stop_requests() as request:
+            while run.step < end:
+                loss, size = advance(run)
+                step = run.step
+                window_loss += loss
+                window_n, window_utt = window_n + 1, window_utt + size
 
-            if main and (step % cfg.log_every == 0 or step == 1 or step == cfg.steps):
-                seconds = time.perf_counter() - window_t - paused
-                record = {"step": step, "loss": float(window_loss) / window_n,
-                          "lr": run.optimizer.param_groups[0]["lr"],
-                          "temperature": float(run.loss_fn.logit_scale.detach().exp()), "batch_size": size,
-                          "utt_per_s": window_utt / seconds, "elapsed_s": elapsed_s()}
-                _log(log_path, record, tb)
-                bar.set_postfix(loss=f"{record['loss']:.3f}", t=f"{record['temperature']:.1f}",
-                                utt_s=f"{record['utt_per_s']:.0f}")
-                window_loss.zero_()
-                window_n, window_utt, window_t, paused = 0, 0, time.perf_counter(), 0.0
-            bar.update(1)
+                if main and (step % cfg.log_every == 0 or step == 1 or step == cfg.steps):
+                    seconds = time.perf_counter() - window_t - paused
+                    record = {"step": step, "loss": float(window_loss) / window_n,
+                              "lr": run.optimizer.param_groups[0]["lr"],
+                              "temperature": float(run.loss_fn.logit_scale.detach().exp()), "batch_size": size,
+                              "utt_per_s": window_utt / seconds, "elapsed_s": elapsed_s()}
+                    _log(log_path, record, tb)
+                    bar.set_postfix(loss=f"{record['loss']:.3f}", t=f"{record['temperature']:.1f}",
+                                    utt_s=f"{record['utt_per_s']:.0f}")
+                    window_loss.zero_()
+                    window_n, window_utt, window_t, paused = 0, 0, time.perf_counter(), 0.0
+                bar.update(1)
 
-            pause = time.perf_counter()   # validation and checkpoints do not count in utterances/s
-            if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
-                if dev is not None:
-                    last_eval = dev_metrics(run.model, dev, keywords, cfg.eval_batch_size, cfg.max_frames)
-                    _log(log_path, {"step": step, **{f"dev/{k}": v for k, v in last_eval.items()}}, tb)
-                    value = _metric(last_eval, metric, train_loss=float(loss))
-                    if best["value"] is None or value > best["value"]:
-                        best = {"metric": metric, "value": value, "step": step}
-                        weights(out / "best.pt")
-                if world > 1:
-                    dist.barrier()
-            if step % cfg.save_every == 0 or step == end:
-                checkpoint(float(window_loss), window_n)
-            paused += time.perf_counter() - pause
+                pause = time.perf_counter()   # validation and checkpoints do not count in utterances/s
+                if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
+                    if dev is not None:
+                        last_eval = dev_metrics(run.model, dev, keywords, cfg.eval_batch_size, cfg.max_frames)
+                        _log(log_path, {"step": step, **{f"dev/{k}": v for k, v in last_eval.items()}}, tb)
+                        value = _metric(last_eval, metric, train_loss=float(loss))
+                        if best["value"] is None or value > best["value"]:
+                            best = {"metric": metric, "value": value, "step": step}
+                            weights(out / "best.pt")
+                    if world > 1:
+                        dist.barrier()
+                stop = _stop_now(request, step, cfg.log_every, world, device)
+                if step % cfg.save_every == 0 or step == end or stop:
+                    checkpoint(float(window_loss), window_n)
+                paused += time.perf_counter() - pause
+                if stop:
+                    stopped = signal.Signals(request["signal"] or signal.SIGTERM).name   # another rank's
+                    break
     finally:
         bar.close()
         run.source.close()
+    if stopped and main:
+        print(f"train: {stopped} received; stopped after step {run.step} with {last} written: run the same "
+              "command with --resume to continue", file=sys.stderr)
     if main:
         if dev is None or not (out / "best.pt").exists():
             weights(out / "best.pt")   # nothing to choose by (yet): the last weights are the best we know
         plot_curves(log_path, out / "curves.png")
     if tb is not None:
         tb.close()
-    return {"step": run.step, "best": best, "dev": last_eval}
+    return {"step": run.step, "best": best, "dev": last_eval, "stopped": stopped}
 
 
 def _metric(results: dict, name: str, train_loss: float) -> float:
