@@ -175,6 +175,16 @@ def test_resume_after_a_crash_mid_log_line(tiny_cache, tmp_path):
     assert sorted(_losses(out)) == [1, 2, 3, 4]
 
 
+def _wait_for_step(run_dir: Path, step: int, running, seconds: float = 120) -> bool:
+    """Polls RUN_DIR/metrics.jsonl until it logs `step` (True), or running() is False or time is up."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and running():
+        if (run_dir / "metrics.jsonl").is_file() and max(_losses(run_dir), default=0) >= step:
+            return True
+        time.sleep(0.05)
+    return False
+
+
 def _train_until_sigterm(config: dict, run_dir: Path, after_step: int) -> tuple[int, str]:
     """Runs train(config) in a process group of its own, sends SIGTERM to the whole group (as a scheduler
     does) once metrics.jsonl shows `after_step`; (exit status, stderr)."""
@@ -183,12 +193,8 @@ def _train_until_sigterm(config: dict, run_dir: Path, after_step: int) -> tuple[
             "o = json.loads(sys.argv[1]); train(resolve_config(o.pop('preset'), **o))")
     proc = subprocess.Popen([sys.executable, "-c", code, json.dumps(config)], cwd=root, start_new_session=True,
                             stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(root)})
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        if (run_dir / "metrics.jsonl").is_file() and max(_losses(run_dir), default=0) >= after_step:
-            os.killpg(proc.pid, signal.SIGTERM)
-            break
-        time.sleep(0.05)
+    if _wait_for_step(run_dir, after_step, lambda: proc.poll() is None):
+        os.killpg(proc.pid, signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     return proc.returncode, err
 
@@ -288,6 +294,23 @@ def test_two_ddp_processes_log_the_losses_of_one(tiny_cache, tmp_path):
     one, two = _losses(tmp_path / "one"), _losses(tmp_path / "ddp")
     assert sorted(one) == sorted(two) == [1, 2, 3]
     assert np.allclose([one[s] for s in one], [two[s] for s in one], rtol=1e-4, atol=1e-5)
+
+
+def test_a_sigterm_to_one_ddp_process_stops_both_after_one_step(tiny_cache, tmp_path):
+    """The processes agree at log steps: the one that got the signal must not leave the other waiting in a
+    collective, and last.pt holds both processes' states at the same step."""
+    port = _free_port()
+    ddp = _config(tiny_cache, tmp_path / "ddp", steps=1000, batch_size=4, log_every=5).to_dict()
+    procs = [mp.get_context("spawn").Process(target=_ddp_rank, args=(rank, port, ddp)) for rank in range(2)]
+    for p in procs:
+        p.start()
+    assert _wait_for_step(tmp_path / "ddp", 5, lambda: all(p.is_alive() for p in procs))
+    os.kill(procs[1].pid, signal.SIGTERM)   # rank 1 only
+    for p in procs:
+        p.join(timeout=120)
+    assert [p.exitcode for p in procs] == [0, 0]
+    state = load_checkpoint(tmp_path / "ddp" / "last.pt")
+    assert 5 <= state["step"] < 1000 and state["step"] % 5 == 0 and len(state["ranks"]) == 2
 
 
 @pytest.mark.parametrize("mode", ["memory", "stream"])
