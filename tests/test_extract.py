@@ -312,6 +312,10 @@ def test_speaker_cmvn_is_computed_with_the_index_and_applied_by_the_trainer(tmp_
         for i, utt_id in enumerate(data.utt_ids):
             rows.setdefault(speaker_of[utt_id], []).append(data.features[data.offsets[i]:data.offsets[i + 1]])
             assert not np.array_equal(rows[speaker_of[utt_id]][-1].numpy(), raw[utt_id])
+    with pytest.MonkeyPatch.context() as patch:   # CMVN applied chunk by chunk: the same numbers
+        patch.setattr("trainer.data._LOAD_CHUNK_BYTES", 39 * 2 * 50)
+        chunked = load_split(cache, "train")
+    assert torch.equal(chunked.features, load_split(cache, "train").features)
     for speaker, frames in rows.items():
         x = torch.cat(frames).double()
         assert torch.allclose(x.mean(0), torch.zeros(39, dtype=torch.double), atol=1e-2)

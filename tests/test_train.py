@@ -21,6 +21,7 @@ import torch
 from click.testing import CliRunner
 
 from cli import main as cli_main
+from cache.reader import StoreReader
 from trainer.checkpoint import load_checkpoint, load_encoder
 from trainer.config import PRESETS, TrainConfig, resolve_config
 from trainer.data import MemoryBatches, load_split
@@ -218,6 +219,24 @@ def test_sigterm_writes_last_pt_and_the_resumed_run_logs_the_same_losses(mode, t
     whole, parts = _losses(tmp_path / "whole"), _losses(tmp_path / "parts")
     assert sorted(parts) == sorted(whole) == list(range(1, stopped + 5))
     assert [parts[s] for s in whole] == [whole[s] for s in whole]
+
+
+def test_features_go_to_the_device_in_chunks(tiny_cache, monkeypatch):
+    """The host holds one chunk of the split at a time (SpokenCOCO: ~20 GB per process otherwise); the
+    tensor is the one a single read gives, and each utterance is the store's own array."""
+    whole = load_split(tiny_cache, "train")
+    reads = []
+    load_all = StoreReader.load_all
+    monkeypatch.setattr(StoreReader, "load_all", lambda self, keys=None: reads.append(self.store_dir.name)
+                        or load_all(self, keys))
+    monkeypatch.setattr("trainer.data._LOAD_CHUNK_BYTES", 39 * 2 * 200)   # about 200 frames per chunk
+    chunked = load_split(tiny_cache, "train")
+    assert reads.count("audio") > 10
+    assert torch.equal(chunked.features, whole.features) and torch.equal(chunked.offsets, whole.offsets)
+    with StoreReader(tiny_cache / "audio") as store:
+        for i, utt_id in enumerate(chunked.utt_ids):
+            got = chunked.features[chunked.offsets[i]:chunked.offsets[i + 1]]
+            assert torch.equal(got, torch.from_numpy(store.get(utt_id))), utt_id
 
 
 def test_stream_mode_needs_a_webdataset_cache(tiny_cache, tmp_path):

@@ -119,6 +119,29 @@ def apply_speaker_cmvn(cache: Path, features: np.ndarray, offsets: np.ndarray, s
     return out
 
 
+_LOAD_CHUNK_BYTES = 256 << 20   # features go to the device this much at a time
+
+
+def _load_features(cache: Path, audio: StoreReader, ids: list[str], offsets: np.ndarray,
+                   speakers: list[str] | None, device: torch.device) -> torch.Tensor:
+    """The features of `ids` as one [offsets[-1], dims] float16 tensor on `device`, read and copied over
+    in chunks of about _LOAD_CHUNK_BYTES: for a GPU the host holds one chunk, not the split (SpokenCOCO's
+    train split is ~20 GB, once per process under torchrun). `speakers`: apply speaker CMVN with these."""
+    out = torch.empty((int(offsets[-1]), audio.dims), dtype=torch.float16, device=device)
+    row_bytes = audio.dims * 2
+    first = 0
+    while first < len(ids):
+        last = int(np.searchsorted(offsets, offsets[first] + max(1, _LOAD_CHUNK_BYTES // row_bytes),
+                                   side="right")) - 1
+        last = min(max(last, first + 1), len(ids))
+        chunk, chunk_offsets, _ = audio.load_all(ids[first:last])
+        if speakers is not None:
+            chunk = apply_speaker_cmvn(cache, chunk, chunk_offsets, speakers[first:last])
+        out[int(offsets[first]):int(offsets[last])].copy_(torch.from_numpy(chunk.astype(np.float16, copy=False)))
+        first = last
+    return out
+
+
 def load_split(cache: str | Path, split: str, device: str | torch.device = "cpu",
                features: bool = True) -> SplitData:
     """Loads the utterances of `split` that have features and an image embedding.
@@ -136,26 +159,24 @@ def load_split(cache: str | Path, split: str, device: str | torch.device = "cpu"
         image_ids = list(dict.fromkeys(r["image_id"] for r in usable))
         image_emb = _embedding_rows(image_store, image_ids)
         text_emb = _embedding_rows(text_store, [r["caption_id"] for r in usable])
-    if not features:
-        frames = dict(zip(audio.ids, audio.lengths.tolist()))
-        offsets = np.concatenate([[0], np.cumsum([frames[r["utt_id"]] for r in usable], dtype=np.int64)])
-        feats, ids = np.zeros((0, audio.dims), np.float16), [r["utt_id"] for r in usable]
-    elif usable:
-        feats, offsets, ids = audio.load_all([r["utt_id"] for r in usable])
+    ids = [r["utt_id"] for r in usable]
+    frames = dict(zip(audio.ids, audio.lengths.tolist()))
+    offsets = np.concatenate([[0], np.cumsum([frames[u] for u in ids], dtype=np.int64)])
+    if features:
+        speakers = [r["speaker"] for r in usable] \
+            if manifest["audio"]["features"].get("normalisation") == "speaker" else None
+        feats = _load_features(cache, audio, ids, offsets, speakers, torch.device(device))
     else:
-        feats, offsets, ids = np.zeros((0, audio.dims), np.float16), np.zeros(1, np.int64), []
+        feats = torch.zeros((0, audio.dims), dtype=torch.float16, device=device)
     audio.close()
-    if features and manifest["audio"]["features"].get("normalisation") == "speaker":
-        feats = apply_speaker_cmvn(cache, feats, offsets, [r["speaker"] for r in usable])
 
     local = {k: i for i, k in enumerate(image_ids)}
     to = dict(device=device)
-    offsets_t = torch.from_numpy(np.asarray(offsets, dtype=np.int64))
+    offsets_t = torch.from_numpy(offsets)
     return SplitData(
-        split=split, utt_ids=list(ids), caption_ids=[r["caption_id"] for r in usable],
+        split=split, utt_ids=ids, caption_ids=[r["caption_id"] for r in usable],
         transcripts=[r["caption"] for r in usable], speakers=[str(r["speaker"]) for r in usable],
-        features=torch.from_numpy(np.ascontiguousarray(feats, dtype=np.float16)).to(**to),
-        offsets=offsets_t.to(**to), lengths=(offsets_t[1:] - offsets_t[:-1]).to(**to),
+        features=feats, offsets=offsets_t.to(**to), lengths=(offsets_t[1:] - offsets_t[:-1]).to(**to),
         image_index=torch.tensor([local[r["image_id"]] for r in usable], dtype=torch.long).to(**to),
         image_ids=image_ids,
         images=torch.from_numpy(image_emb).to(**to),
