@@ -78,15 +78,20 @@ case "$phase" in
     fi
     resume=()
     [ -f "$demo/run/last.pt" ] && resume=(--resume)
+    # whatever happens below, the run's log comes back with the call
+    trap 'cp "$demo/run/metrics.jsonl" "$demo/run/config.json" "$out/" 2>/dev/null || true' EXIT
+    left=$(( 570 - SECONDS ))   # of a 10-minute call, after the demo's set-up
+    if (( left < 60 )); then
+      echo "only $left s left in this call after the set-up: run the phase again to train" >&2; exit 0
+    fi
     start=$(date +%s)
-    # for what is left of a 10-minute call (the demo's set-up took some); timeout's SIGTERM makes train
-    # write last.pt after its current step and exit, so the next call resumes exactly where this one stopped
-    timeout $(( 570 - SECONDS )) python3 cli.py train --cache "$demo/cache" --out "$demo/run" --preset seed \
-      --device "$device" "${resume[@]}" "${@:2}" ||
+    # SIGTERM to train alone (--foreground: not to its compile workers) makes it write last.pt after its
+    # step and exit, so the next call resumes exactly here; -k: SIGKILL if it has not exited 20 s later
+    timeout --foreground -k 20 "$left" python3 cli.py train --cache "$demo/cache" --out "$demo/run" \
+      --preset seed --device "$device" "${resume[@]}" "${@:2}" ||
       echo "train stopped at the call's limit: run the phase again to resume" >&2
     echo "$(( $(date +%s) - start )) s for this call (set-up included); the run's own clock is" \
-      "metrics.jsonl's elapsed_s (training wall seconds over all calls)" >> "$out/seed_run_wall.txt"
-    cp "$demo/run/metrics.jsonl" "$demo/run/config.json" "$out/" ;;
+      "metrics.jsonl's elapsed_s (training wall seconds over all calls)" >> "$out/seed_run_wall.txt" ;;
   *)
     echo "unknown phase $phase: use smoke, embed, train, train-stream, extract or seed-run" >&2; exit 2 ;;
 esac

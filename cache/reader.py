@@ -14,6 +14,7 @@ import numpy as np
 from cache.store import INDEX_FILE, INDEX_FIX, RESERVED_META, completed_parts, read_store_json
 
 _SPAN_BYTES = 64 << 20  # iteration reads at most about this much of a part at once
+_GAP_BYTES = 1 << 20  # iter_rows reads past at most this much unwanted data to join two rows in one read
 _MAX_OPEN = 64  # open part files per reader and process
 
 
@@ -133,9 +134,9 @@ class StoreReader:
 
     def iter_rows(self, rows: np.ndarray) -> Iterator[np.ndarray]:
         """The arrays of index rows `rows`, in that order (own copies). Neighbouring rows of one part, in
-        file order, are read together, one read per span of at most about _SPAN_BYTES: rows in index order
-        (a part, or a shard's members in tar order) read the file sequentially with no per-item parsing;
-        scattered rows cost one read each."""
+        file order and less than _GAP_BYTES apart, are read together, one read per span of at most about
+        _SPAN_BYTES: rows in index order (a part, or a shard's members in tar order) read the file
+        sequentially with no per-item parsing; scattered rows cost one small read each."""
         rows = np.asarray(rows, dtype=np.int64)
         if self.fmt == "hdf5":
             start = self._cols["start"][rows] * (self.dims * self.dtype.itemsize)
@@ -146,7 +147,7 @@ class StoreReader:
         first = 0
         for i in range(1, len(rows) + 1):
             if (i == len(rows) or parts[i] != parts[first] or start[i] < end[i - 1]
-                    or end[i] - start[first] > _SPAN_BYTES):
+                    or start[i] - end[i - 1] > _GAP_BYTES or end[i] - start[first] > _SPAN_BYTES):
                 for array in self._read_items(int(parts[first]), rows[first:i]):
                     yield np.array(array)
                 first = i

@@ -111,6 +111,13 @@ def test_iter_rows_reads_any_rows_in_spans_and_gives_own_copies(tmp_path, fmt, m
     assert sum(reads) == len(rows) and max(reads) > 1   # neighbours shared reads ...
     assert len(reads) > 3 + 6                           # ... of at most _SPAN_BYTES, not a part at once
     assert list(reader.iter_rows(np.zeros(0, np.int64))) == []
+    # rows far apart in one part are two small reads, not one read of everything between them
+    monkeypatch.setattr("cache.reader._GAP_BYTES", 0)
+    spans = []
+    monkeypatch.setattr(reader, "_read_items", lambda part, rows: spans.append(rows.tolist())
+                        or read_items(part, rows))
+    assert [len(a) for a in reader.iter_rows(np.array([0, 9]))] == [len(items[order[0]]), len(items[order[9]])]
+    assert spans == [[0], [9]]   # rows 0-9: write_store's first part
 
 
 def test_webdataset_reads_every_sample_of_wds_parts(tmp_path):

@@ -206,18 +206,24 @@ def test_sigterm_writes_last_pt_and_the_resumed_run_logs_the_same_losses(mode, t
     """A scheduler's SIGTERM (to the training process and its stream readers alike) ends the step, writes
     last.pt and exits cleanly; --resume then continues exactly. save_every 1000: without the signal
     handling nothing would be saved."""
+    # log_every 3: the stop lands inside a log window, whose partial loss last.pt must carry over; eval_every
+    # 1: a stop skips the validation of its step, whatever the step
     cache = tiny_cache if mode == "memory" else tiny_wds_cache
-    common = dict(steps=1000, dropout=0.1, data_mode=mode, workers=2, batch_size=8 if mode == "memory" else 4)
+    common = dict(steps=1000, dropout=0.1, data_mode=mode, workers=2, batch_size=8 if mode == "memory" else 4,
+                  log_every=3, eval_every=1)
     options = {**TINY, **common, "cache": str(cache), "out": str(tmp_path / "parts")}
-    status, err = _train_until_sigterm(options, tmp_path / "parts", after_step=5)
+    status, err = _train_until_sigterm(options, tmp_path / "parts", after_step=6)
     assert status == 0, err
     stopped = load_checkpoint(tmp_path / "parts" / "last.pt")["step"]
-    assert 5 <= stopped < 1000
+    assert 6 <= stopped < 1000
     assert f"SIGTERM received; stopped after step {stopped}" in err
-    train(_config(cache, tmp_path / "parts", resume=True, stop_after=4, **common))
-    train(_config(cache, tmp_path / "whole", stop_after=stopped + 4, **common))
+    lines = (tmp_path / "parts" / "metrics.jsonl").read_text().splitlines()
+    validated = [r["step"] for r in map(json.loads, lines) if "dev/keyword_mAP" in r]
+    assert validated == list(range(1, stopped))
+    train(_config(cache, tmp_path / "parts", resume=True, stop_after=8, **common))
+    train(_config(cache, tmp_path / "whole", stop_after=stopped + 8, **common))
     whole, parts = _losses(tmp_path / "whole"), _losses(tmp_path / "parts")
-    assert sorted(parts) == sorted(whole) == list(range(1, stopped + 5))
+    assert sorted(parts) == sorted(whole) == [1] + list(range(3, stopped + 9, 3))
     assert [parts[s] for s in whole] == [whole[s] for s in whole]
 
 
@@ -323,10 +329,15 @@ def test_a_sigterm_to_one_ddp_process_stops_both_after_one_step(tiny_cache, tmp_
     procs = [mp.get_context("spawn").Process(target=_ddp_rank, args=(rank, port, ddp)) for rank in range(2)]
     for p in procs:
         p.start()
-    assert _wait_for_step(tmp_path / "ddp", 5, lambda: all(p.is_alive() for p in procs))
-    os.kill(procs[1].pid, signal.SIGTERM)   # rank 1 only
-    for p in procs:
-        p.join(timeout=120)
+    try:
+        assert _wait_for_step(tmp_path / "ddp", 5, lambda: all(p.is_alive() for p in procs))
+        os.kill(procs[1].pid, signal.SIGTERM)   # rank 1 only
+        for p in procs:
+            p.join(timeout=120)
+    finally:   # a deadlocked pair must fail the test, not hang pytest at exit
+        for p in procs:
+            if p.is_alive():
+                p.kill()
     assert [p.exitcode for p in procs] == [0, 0]
     state = load_checkpoint(tmp_path / "ddp" / "last.pt")
     assert 5 <= state["step"] < 1000 and state["step"] % 5 == 0 and len(state["ranks"]) == 2

@@ -73,5 +73,8 @@ def set_rng_state(state: dict, generator: torch.Generator, device: torch.device)
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"].cpu())
     generator.set_state(state["augment"].cpu())
-    if device.type == "cuda" and state.get("cuda") is not None:
-        torch.cuda.set_rng_state(state["cuda"].cpu(), device)
+    cuda = state.get("cuda")
+    if isinstance(cuda, (list, tuple)):   # checkpoints before 2026-11-25: one state per visible GPU
+        cuda = cuda[device.index or 0] if device.type == "cuda" and (device.index or 0) < len(cuda) else None
+    if device.type == "cuda" and cuda is not None:
+        torch.cuda.set_rng_state(cuda.cpu(), device)

@@ -375,7 +375,9 @@ def train(cfg: TrainConfig) -> dict:
                 bar.update(1)
 
                 pause = time.perf_counter()   # validation and checkpoints do not count in utterances/s
-                if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
+                # decided before validation: a scheduler waits ~30 s after its notice, a dev pass may not fit
+                stop = _stop_now(request, step, cfg.log_every, world, device) and step < cfg.steps
+                if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps) and not stop:
                     if dev is not None:
                         last_eval = dev_metrics(run.model, dev, keywords, cfg.eval_batch_size, cfg.max_frames)
                         _log(log_path, {"step": step, **{f"dev/{k}": v for k, v in last_eval.items()}}, tb)
@@ -385,12 +387,12 @@ def train(cfg: TrainConfig) -> dict:
                             weights(out / "best.pt")
                     if world > 1:
                         dist.barrier()
-                stop = _stop_now(request, step, cfg.log_every, world, device)
                 if step % cfg.save_every == 0 or step == end or stop:
                     checkpoint(float(window_loss), window_n)
                 paused += time.perf_counter() - pause
                 if stop:
-                    stopped = signal.Signals(request["signal"] or signal.SIGTERM).name   # another rank's
+                    stopped = signal.Signals(request["signal"]).name if request["signal"] else \
+                        "a stop signal to another process"
                     break
     finally:
         bar.close()
