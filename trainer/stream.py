@@ -24,6 +24,7 @@ step (a new shuffle; model, optimiser and every other state are still restored e
 from __future__ import annotations
 
 import json
+import signal
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -249,7 +250,6 @@ def _ignore_stop_signals(worker_id: int) -> None:
     """Readers ignore the scheduler's SIGTERM/SIGUSR1 (sent to the whole process group): the training
     process takes it, writes last.pt at the end of its step and then shuts the readers down itself; a
     reader killed first would make the DataLoader raise in the middle of that step."""
-    import signal
     for s in (signal.SIGTERM, signal.SIGUSR1):
         signal.signal(s, signal.SIG_IGN)
 

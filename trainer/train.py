@@ -121,7 +121,7 @@ def build_run(cfg: TrainConfig, rank: int = 0, world: int = 1, device: torch.dev
 def fit_step(run: Run, batch: Batch) -> torch.Tensor:
     """One optimisation step on `batch`; returns the loss (detached, on the device: no sync)."""
     feats = batch.feats
-    if run.cfg.compile and run.cfg.compile_mode in CUDAGRAPH_MODES:
+    if run.cfg.compile_mode in CUDAGRAPH_MODES:   # TrainConfig refuses them without compile
         # CUDA graphs (reduce-overhead, max-autotune) reuse their output memory: a new step begins here
         torch.compiler.cudagraph_mark_step_begin()
     if run.cfg.spec_augment:
