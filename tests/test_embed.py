@@ -4,6 +4,7 @@ path, refusal to mix teachers, resume and shards."""
 import hashlib
 import json
 import logging
+from pathlib import Path
 
 import numpy as np
 import open_clip
@@ -276,8 +277,13 @@ def test_decode_on_device_matches_pil_preprocessing(bad_corpus, corpus, tmp_path
     squash = image_transform_v2(PreprocessCfg(size=64, resize_mode="squash"), is_train=False)
     for preprocess in (shortest, squash):
         files = ImageFiles(paths, preprocess, raw=True)
-        items, reasons = files.collate([files[i] for i in range(len(paths))])
+        packed, reasons = files.collate([files[i] for i in range(len(paths))])
+        items = packed.unpack()   # one buffer from a worker, views of it here
         assert sum(x.dim() == 1 for x in items) == len(images) + 2   # JPEG bytes; CMYK and PNG decoded by PIL
+        good = [p for p, reason in zip(paths, reasons) if not reason]
+        assert len(items) == len(good) and packed.data.numel() == sum(x.numel() for x in items if x.dim() == 1)
+        for x, path in zip(items, good):
+            assert bytes(x.numpy()) == Path(path).read_bytes() if x.dim() == 1 else x.shape[0] == 3
         x = decode_on_device(items, reasons, preprocess, "cpu")
         assert [bool(r) for r in reasons] == [p == str(broken) for p in paths]
         want = torch.stack([preprocess(open_rgb(p)) for p in paths if p != str(broken)])
@@ -345,13 +351,13 @@ def test_resume_after_a_crash_and_shards(corpus, teacher, tmp_path, monkeypatch)
 
     # a crash in the middle of part 1 leaves part 0 complete and nothing of part 1
     crashed = tmp_path / "crashed"
-    add = PartWriter.add
+    add_rows = PartWriter.add_rows
 
-    def add_then_crash(self, key, *args, **kwargs):
+    def add_then_crash(self, keys, *args, **kwargs):
         if self.path.name.startswith("part-00001") and self.path.parent.name == IMAGE_STORE:
             raise RuntimeError("simulated crash")
-        return add(self, key, *args, **kwargs)
-    monkeypatch.setattr(PartWriter, "add", add_then_crash)
+        return add_rows(self, keys, *args, **kwargs)
+    monkeypatch.setattr(PartWriter, "add_rows", add_then_crash)
     with pytest.raises(RuntimeError, match="simulated crash"):
         run(corpus, crashed, teacher, part_size=2)
     monkeypatch.undo()
