@@ -180,41 +180,77 @@ class PartWriter:
 
     def add(self, key: str, array: np.ndarray, meta: dict | None = None) -> None:
         """Append item `key`: `array` (frames, dims), frames > 0, finite; `meta` a small JSON-able dict."""
+        self._check_key(key)
+        stored = self._stored(repr(key), array)
+        self._write([key], [stored], stored, [self._checked_meta(key, meta)])
+
+    def add_rows(self, keys: list[str], rows: np.ndarray, metas: list[dict | None] | None = None) -> None:
+        """Append one-frame items: keys[i] -> rows[i] (and metas[i]), as add() would one by one, but all or
+        none of them, with the block's checks and conversion done once (embeddings: ~30 us an item saved, a
+        quarter of the main process' time per image at 8,000 images/s)."""
+        rows = np.asarray(rows)
+        if rows.ndim != 2 or len(rows) != len(keys) or (metas is not None and len(metas) != len(keys)):
+            raise ValueError(f"add_rows: {len(keys)} keys need rows of shape ({len(keys)}, {self.dims}) and as "
+                             f"many metas, got rows {rows.shape} and {None if metas is None else len(metas)} metas")
+        if not keys:
+            return
+        for key in keys:
+            self._check_key(key)
+        if len(set(keys)) != len(keys):
+            raise ValueError(f"add_rows: a key is repeated in {keys if len(keys) < 10 else 'the block'}")
+        stored = self._stored(f"{keys[0]!r} .. {keys[-1]!r}", rows)
+        metas = [{} for _ in keys] if metas is None else list(map(self._checked_meta, keys, metas))
+        self._write(keys, [stored[i:i + 1] for i in range(len(keys))], stored, metas)
+
+    def _write(self, keys: list[str], arrays: list[np.ndarray], block: np.ndarray, metas: list[dict]) -> None:
+        """Items checked already: keys[i] -> arrays[i], which are `block`'s rows in order."""
+        for key, array in zip(keys, arrays):
+            self._lengths[key] = len(array)
+        if self.fmt == "hdf5":
+            self._buffer.append(block)
+            self._buffer_rows += len(block)
+            self._metas.extend(to_json(meta, "meta") if meta else "" for meta in metas)
+            if self._buffer_rows * self.dims * self.dtype.itemsize >= _FLUSH_BYTES:
+                self._flush()
+            return
+        for key, array, meta in zip(keys, arrays, metas):
+            npy = io.BytesIO()
+            np.save(npy, array, allow_pickle=False)
+            escaped = escape_key(key)
+            self._add_member(f"{escaped}.npy", npy.getvalue())
+            info = to_json({**meta, "id": key, "frames": len(array)}, "meta")
+            self._add_member(f"{escaped}.json", info.encode("utf-8"))
+
+    def _check_key(self, key: str) -> None:
         if self._state != "open":
             raise ValueError(f"cannot add {key!r}: the writer of {self.path} was already {self._state}")
-        escaped = escape_key(key)
+        escape_key(key)   # refuses keys no store can hold
         if key in self._lengths:
             raise ValueError(f"key {key!r} was already added to {self.path.name}")
+
+    def _stored(self, label: str, array: np.ndarray) -> np.ndarray:
+        """`array` checked (2-d, dims columns, rows > 0, real, finite) and converted to the store's dtype."""
         array = np.asarray(array)
         if array.ndim != 2 or array.shape[1] != self.dims or array.shape[0] == 0:
-            raise ValueError(f"{key!r}: expected an array of shape (frames > 0, {self.dims}) for store "
+            raise ValueError(f"{label}: expected an array of shape (frames > 0, {self.dims}) for store "
                              f"{self.store_dir}, got {array.shape}")
         if not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)):
-            raise ValueError(f"{key!r}: expected a real numeric array, got dtype {array.dtype}")
+            raise ValueError(f"{label}: expected a real numeric array, got dtype {array.dtype}")
         if not np.isfinite(array).all():
-            raise ValueError(f"{key!r}: the array holds NaN or infinite values")
+            raise ValueError(f"{label}: the array holds NaN or infinite values")
         with np.errstate(over="ignore"):  # an overflow becomes inf, refused just below
             stored = np.ascontiguousarray(array, dtype=self.dtype)
         if not np.isfinite(stored).all():
-            raise ValueError(f"{key!r}: values beyond the range of {self.dtype} (max "
+            raise ValueError(f"{label}: values beyond the range of {self.dtype} (max "
                              f"{np.finfo(self.dtype).max}); write the store with dtype='float32'")
+        return stored
+
+    def _checked_meta(self, key: str, meta: dict | None) -> dict:
         meta = json.loads(to_json({} if meta is None else meta, f"meta of {key!r}"))
         if not isinstance(meta, dict) or any(k in meta for k in RESERVED_META):
             raise ValueError(f"{key!r}: meta must be a dict without the reserved keys {RESERVED_META}, "
                              f"got {meta!r}")
-        self._lengths[key] = len(stored)
-        if self.fmt == "hdf5":
-            self._buffer.append(stored)
-            self._buffer_rows += len(stored)
-            self._metas.append(to_json(meta, "meta") if meta else "")
-            if self._buffer_rows * self.dims * self.dtype.itemsize >= _FLUSH_BYTES:
-                self._flush()
-        else:
-            npy = io.BytesIO()
-            np.save(npy, stored, allow_pickle=False)
-            self._add_member(f"{escaped}.npy", npy.getvalue())
-            info = to_json({**meta, "id": key, "frames": len(stored)}, "meta")
-            self._add_member(f"{escaped}.json", info.encode("utf-8"))
+        return meta
 
     def _add_member(self, name: str, data: bytes) -> None:
         info = tarfile.TarInfo(name)

@@ -288,11 +288,12 @@ class _PartStream:
         self.failures: list[dict] = []
         self.written = self.failed = 0
 
-    def add(self, j: int, key: str, row: np.ndarray, meta: dict) -> None:
-        self._open_part(j)
-        self.writer.add(key, row[None], meta=meta)
-        self.written += 1
-        self._commit_if_last(j)
+    def add_rows(self, js: list[int], keys: list[str], rows: np.ndarray, metas: list[dict]) -> None:
+        """Items js (ascending, in stream order, of one part), one row each."""
+        self._open_part(js[0])
+        self.writer.add_rows(keys, rows, metas)
+        self.written += len(js)
+        self._commit_if_last(js[-1])
 
     def fail(self, j: int, failure: dict) -> None:
         self._open_part(j)
@@ -338,13 +339,19 @@ def _embed_image_store(cfg, fmt, teacher: Teacher, images: list[tuple[str, str]]
                                     device=cfg.device, batch_size=cfg.batch_size, workers=cfg.workers,
                                     draft_size=draft, gpu_decode=cfg.gpu_decode) if jobs else []
         for embeddings, reasons in batches:
-            rows = iter(embeddings)   # one per image whose reason is ""
-            for j, reason in zip(jobs[consumed:consumed + len(reasons)], reasons):
-                image_id, path = images[j]
+            # one row per image whose reason is "": written a run at a time (a run ends at a failure or
+            # at the end of a part), failures one by one, all in item order
+            batch, row, run = jobs[consumed:consumed + len(reasons)], 0, []
+            for j, reason in zip(batch, reasons):
+                if not reason:
+                    run.append(j)
+                if run and (reason or j == batch[-1] or j + 1 == parts[j // cfg.part_size].stop):
+                    stream.add_rows(run, [images[i][0] for i in run], embeddings[row:row + len(run)],
+                                    [{"path": images[i][1]} for i in run])
+                    row, run = row + len(run), []
                 if reason:
+                    image_id, path = images[j]
                     stream.fail(j, {"stage": "images", "id": image_id, "path": path, "reason": reason})
-                else:
-                    stream.add(j, image_id, next(rows), meta={"path": path})
             consumed += len(reasons)
             bar.update(len(reasons))
     finally:
@@ -380,8 +387,7 @@ def _embed_text_store(cfg, fmt, teacher: Teacher, captions: list[tuple[str, str]
         chunk = [captions[j] for j in parts[k]]
         emb = _encode_texts(teacher, [text for _, text in chunk], cfg)
         with PartWriter(store, k, fmt, dims=dims, dtype=cfg.dtype, attrs=attrs) as writer:
-            for (caption_id, text), row in zip(chunk, emb):
-                writer.add(caption_id, row[None], meta={"text": text})
+            writer.add_rows([caption_id for caption_id, _ in chunk], emb, [{"text": text} for _, text in chunk])
     _finish_store(store, len(parts))
 
 

@@ -307,6 +307,43 @@ def test_add_rejects_bad_items(tmp_path, fmt):
         PartWriter(tmp_path, 0, fmt, DIMS)
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_add_rows_writes_what_add_writes_one_by_one(tmp_path, fmt):
+    rng = np.random.default_rng(5)
+    rows = rng.standard_normal((9, DIMS)).astype(np.float32)
+    keys = TRICKY + ["plain"]
+    metas = [{"path": f"images/{k}"} if i % 2 else None for i, k in enumerate(keys)]
+    for name, add in (("rows", lambda w: (w.add_rows(keys[:4], rows[:4], metas[:4]),
+                                          w.add_rows([], rows[:0], []),
+                                          w.add_rows(keys[4:], rows[4:], metas[4:]))),
+                      ("one", lambda w: [w.add(k, rows[i:i + 1], metas[i]) for i, k in enumerate(keys)])):
+        with PartWriter(tmp_path / name, 0, fmt, DIMS) as writer:
+            add(writer)
+        build_index(tmp_path / name)
+    by_rows, one = StoreReader(tmp_path / "rows"), StoreReader(tmp_path / "one")
+    assert by_rows.ids == one.ids == keys
+    for i, key in enumerate(keys):
+        assert np.array_equal(by_rows.get(key), one.get(key)) and by_rows.get(key).shape == (1, DIMS)
+        assert by_rows.meta(key) == one.meta(key)
+    if fmt == "hdf5":   # h5py's own view of the part: the rows in order, float16
+        with h5py.File(part_path(tmp_path / "rows", 0, fmt)) as f:
+            assert np.array_equal(f["features"][:], rows.astype(np.float16))
+
+    with PartWriter(tmp_path / "bad", 0, fmt, DIMS) as writer:
+        writer.add_rows(["a"], rows[:1])
+        for bad_keys, bad_rows, match in ((["b", "b"], rows[:2], "repeated|already added"),
+                                          (["a"], rows[:1], "already added"),
+                                          (["c", "d"], rows[:1], "keys need rows"),
+                                          (["c"], np.full((1, DIMS), np.inf), "infinite"),
+                                          (["c"], rows[:1, :3], r"\(frames > 0, 7\)")):
+            with pytest.raises(ValueError, match=match):
+                writer.add_rows(bad_keys, bad_rows)
+        with pytest.raises(ValueError, match="reserved"):
+            writer.add_rows(["c"], rows[:1], [{"frames": 3}])
+    build_index(tmp_path / "bad")
+    assert StoreReader(tmp_path / "bad").ids == ["a"]   # a refused block adds none of its rows
+
+
 def test_claim_section_writes_then_checks(tmp_path):
     features = {"recipe": "mfcc-seed", "n_mels": 80, "window": [400, 160], "extra": {"lifter": 22}}
     assert read_manifest(tmp_path) == {}
