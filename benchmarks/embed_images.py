@@ -33,7 +33,7 @@ from PIL import Image  # noqa: E402
 
 from cache.manifest import atomic_write_text  # noqa: E402
 from pipeline.embed import EmbedConfig, embed_images, load_teacher  # noqa: E402
-from pipeline.images import autocast  # noqa: E402
+from pipeline.images import ImageFiles, _decode_jpegs, autocast, decode_on_device  # noqa: E402
 
 WIDTH, HEIGHT, QUALITY = 500, 375, 85    # quality 85 gives about 70 KB for these pictures
 WORDS = "a dog man woman child runs jumps on the grass beach street in red blue shirt water ball".split()
@@ -102,6 +102,33 @@ def naive_loop(model, preprocess, paths: list[Path], device: str) -> float:
     return len(paths) / (time.perf_counter() - started)
 
 
+def gpu_path_parts(paths: list[Path], preprocess, device: str, batch_size: int, workers: int,
+                   kept: int = 8) -> dict:
+    """img/s of each part of the --gpu-decode path alone: the DataLoader handing over raw batches (files
+    read in workers, nothing decoded), nvJPEG's batched decode of batches already in memory, and that decode
+    with the resize, crop and normalisation of decode_on_device (after one warm-up batch each)."""
+    files = ImageFiles([str(p) for p in paths], preprocess, raw=True)
+    loader = torch.utils.data.DataLoader(files, batch_size=batch_size, num_workers=workers,
+                                         collate_fn=files.collate, prefetch_factor=4 if workers else None)
+    started, n, batches = time.perf_counter(), 0, []
+    for packed, reasons in loader:
+        n += len(packed.unpack())
+        if len(batches) <= kept:
+            batches.append((packed, reasons))
+    rates = {"loader_img_per_s": n / (time.perf_counter() - started)}
+    for name, work in (("nvjpeg", lambda items, reasons: _decode_jpegs(items, device)),
+                       ("decode_resize", lambda items, reasons: decode_on_device(items, reasons, preprocess,
+                                                                                 device))):
+        work(batches[0][0].unpack(), list(batches[0][1]))
+        sync(device)
+        started, m = time.perf_counter(), 0
+        for packed, reasons in batches[1:]:
+            m += len(work(packed.unpack(), list(reasons)))
+        sync(device)
+        rates[f"{name}_img_per_s"] = m / (time.perf_counter() - started)
+    return rates
+
+
 def end_to_end(manifest: Path, cache: Path, args, gpu_decode: bool) -> dict:
     shutil.rmtree(cache, ignore_errors=True)
     started = time.perf_counter()
@@ -155,6 +182,9 @@ def main() -> None:
                                                  args.ceiling_batches)
     naive = paths[:args.naive_images or min(args.images, 200)]
     results["naive_img_per_s"] = naive_loop(teacher.model, teacher.preprocess, naive, args.device)
+    if args.gpu_decode:
+        results["gpu_path_parts"] = gpu_path_parts(paths, teacher.preprocess, args.device, args.batch_size,
+                                                   args.workers)
     del teacher
     results["stage"] = end_to_end(manifest, args.out / "cache", args, gpu_decode=False)
     if args.gpu_decode:
@@ -166,6 +196,10 @@ def main() -> None:
     print(f"  model only (random tensors, encode_image):  {results['ceiling_img_per_s']:8.1f} img/s")
     print(f"  naive loop (PIL + preprocess, 1 at a time):  {results['naive_img_per_s']:8.1f} img/s "
           f"({len(naive)} images)")
+    if "gpu_path_parts" in results:
+        parts = results["gpu_path_parts"]
+        print(f"  --gpu-decode's parts alone: DataLoader (raw files) {parts['loader_img_per_s']:.0f}, nvJPEG "
+              f"{parts['nvjpeg_img_per_s']:.0f}, nvJPEG + resize {parts['decode_resize_img_per_s']:.0f} img/s")
     for key, name in (("stage", "embed-images, PIL in workers"),
                       ("stage_gpu_decode", "embed-images --gpu-decode")):
         if key in results:

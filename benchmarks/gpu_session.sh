@@ -19,13 +19,17 @@
 #             train gets SIGTERM before the call's limit, writes last.pt and exits; run the phase again
 #             (on the same warm machine: a fresh one loses the run) until metrics.jsonl reaches step
 #             25,000. Its elapsed_s is the run's training wall time over all calls. Extra arguments go to
-#             train, e.g. `seed-run --compile --compile-mode reduce-overhead`.
+#             train, e.g. `seed-run --compile --compile-mode reduce-overhead`. SEED_RUN_UNTIL=S: train
+#             stops S seconds after the phase began (default 570, for a call of its own).
+#
+#   lease     a 15-minute lease in one call (timeout_s=600): embed, train eager, tests/test_cuda.py,
+#             train --compile at 256/1024, then reduce-overhead at 64/256, each capped, in that order
 #
 # Budget: 30 device minutes a session, machine start included. In order of need: smoke (3-5 min), embed
 # (~3), train (~8), seed-run (1-2 calls); then train-stream and extract if time is left.
 set -euo pipefail
 # GPU_SESSION_DEVICE=cpu runs a phase on the CPU (to check this script; no figure of it is a GPU figure).
-phase=${1:?usage: gpu_session.sh smoke|embed|train|train-stream|extract|seed-run}
+phase=${1:?usage: gpu_session.sh lease|smoke|embed|train|train-stream|extract|seed-run}
 device=${GPU_SESSION_DEVICE:-cuda}
 if compgen -G ".whl/*.whl" > /dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
@@ -54,7 +58,7 @@ case "$phase" in
       --out /tmp/smoke-extract --json "$out/smoke_extract.json" ;;
   embed)
     python3 benchmarks/embed_images.py --images 20000 --device "$device" --batch-size 256 --workers 16 \
-      --gpu-decode --out /tmp/bench-embed --json "$out/embed_images_cuda.json" ;;
+      --gpu-decode --ceiling-batches 30 --quiet --out /tmp/bench-embed --json "$out/embed_images_cuda.json" ;;
   train)
     python3 benchmarks/train_throughput.py --device "$device" --json "$out/train_throughput_cuda.json"
     python3 benchmarks/train_throughput.py --device "$device" --compile --json "$out/train_throughput_cuda_compile.json"
@@ -80,7 +84,7 @@ case "$phase" in
     [ -f "$demo/run/last.pt" ] && resume=(--resume)
     # whatever happens below, the run's log comes back with the call
     trap 'cp "$demo/run/metrics.jsonl" "$demo/run/config.json" "$out/" 2>/dev/null || true' EXIT
-    left=$(( 570 - SECONDS ))   # of a 10-minute call, after the demo's set-up
+    left=$(( ${SEED_RUN_UNTIL:-570} - SECONDS ))   # of a 10-minute call, after the demo's set-up
     if (( left < 60 )); then
       echo "only $left s left in this call after the set-up: run the phase again to train" >&2; exit 0
     fi
@@ -92,6 +96,38 @@ case "$phase" in
       echo "train stopped at the call's limit: run the phase again to resume" >&2
     echo "$(( $(date +%s) - start )) s for this call (set-up included); the run's own clock is" \
       "metrics.jsonl's elapsed_s (training wall seconds over all calls)" >> "$out/seed_run_wall.txt" ;;
+  lease)
+    # All that one 15-minute lease allows (machine start included), in ONE call with timeout_s=600, the
+    # figures the issues need first. Each step has a cap, so that one hang costs only its share, and
+    # writes its figures to $out when it ends; the whole log is $out/lease.log.
+    budget=${LEASE_SECONDS:-555}
+    # smaller sizes only to check this script on the CPU (GPU_SESSION_DEVICE=cpu LEASE_IMAGES=64 ...)
+    images=${LEASE_IMAGES:-20000} sizes=${LEASE_BATCHES:-64,256,1024} small=${LEASE_BATCHES:-64,256}
+    big=${LEASE_BATCHES:-256,1024}   # compile default mode where REFERENCE.md has ceilings; 64 gets CUDA graphs
+    steps=${LEASE_STEPS:-50} utts=${LEASE_UTTERANCES:-10240}   # one synthetic train cache for all three
+    export PYTHONUNBUFFERED=1
+    step() {
+      local cap=$1 left=$(( budget - SECONDS )); shift
+      if (( left < 40 )); then echo "== skipped, $left s left: $*" >&2; return 0; fi
+      (( cap < left )) || cap=$left
+      echo "== $(date -u +%T) at ${SECONDS}s, cap ${cap}s: $*"
+      timeout -k 10 "$cap" "$@" || echo "== stopped or failed (rc $?): $*" >&2
+    }
+    {
+      step 120 python3 benchmarks/embed_images.py --images "$images" --device "$device" --batch-size 256 \
+        --workers 16 --gpu-decode --ceiling-batches 30 --quiet --out /tmp/bench-embed \
+        --json "$out/embed_images_cuda.json"
+      step 90 python3 benchmarks/train_throughput.py --device "$device" --cache /tmp/bench-train --utterances "$utts" \
+        --batch-sizes "$sizes" --steps "$steps" --json "$out/train_throughput_cuda.json"
+      step 150 bash -c "CLIPSPEECH_TEST_DEVICE=$device python3 -m pytest -q -p no:cacheprovider \
+        --durations=5 tests/test_cuda.py > $out/test_cuda.txt 2>&1"
+      tail -n 3 "$out/test_cuda.txt" || true
+      step 170 python3 benchmarks/train_throughput.py --device "$device" --cache /tmp/bench-train --utterances "$utts" --compile \
+        --batch-sizes "$big" --steps "$steps" --json "$out/train_throughput_cuda_compile.json"
+      step 120 python3 benchmarks/train_throughput.py --device "$device" --cache /tmp/bench-train --utterances "$utts" --compile \
+        --compile-mode reduce-overhead --batch-sizes "$small" --steps "$steps" --json "$out/train_throughput_cuda_cudagraphs.json"
+      echo "== done at ${SECONDS}s"
+    } 2>&1 | tee "$out/lease.log" ;;
   *)
     echo "unknown phase $phase: use smoke, embed, train, train-stream, extract or seed-run" >&2; exit 2 ;;
 esac

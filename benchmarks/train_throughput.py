@@ -103,15 +103,16 @@ def measure(cfg: TrainConfig, frames: int, steps: int, warmup: int, repeats: int
                   batch)
     paths = {"real": lambda: advance(run)[0], "ceiling": lambda: fit_step(run, fixed)}
     best = {f"{name}_{unit}": 0.0 for name in paths for unit in ("utt_per_s", "utt_per_cpu_s")}
-    for name, step in paths.items():
-        timed(step, warmup, device)       # allocator, autotuning, compilation
+    warmup_s = {}
+    for name, step in paths.items():      # allocator, autotuning, compilation: what a run pays once
+        warmup_s[f"{name}_warmup_s"] = round(timed(step, warmup, device)[0], 2)
     for _ in range(repeats):              # alternate, so drifting load on a shared box hits both alike
         for name, step in paths.items():
             wall, cpu = timed(step, steps, device)
             best[f"{name}_utt_per_s"] = max(best[f"{name}_utt_per_s"], steps * batch / wall)
             best[f"{name}_utt_per_cpu_s"] = max(best[f"{name}_utt_per_cpu_s"], steps * batch / cpu)
     run.source.close()
-    return {"batch_size": batch, **best, "ratio": best["real_utt_per_s"] / best["ceiling_utt_per_s"],
+    return {"batch_size": batch, **best, **warmup_s, "ratio": best["real_utt_per_s"] / best["ceiling_utt_per_s"],
             "cpu_ratio": best["real_utt_per_cpu_s"] / best["ceiling_utt_per_cpu_s"]}
 
 
@@ -162,11 +163,15 @@ def main() -> None:
                   f"{r['ceiling_utt_per_s']:9.1f} utt/s, ratio {r['ratio']:.2f}; per CPU second "
                   f"{r['real_utt_per_cpu_s']:.1f} vs {r['ceiling_utt_per_cpu_s']:.1f}, ratio "
                   f"{r['cpu_ratio']:.2f}", flush=True)
+            if args.json:   # after each batch size: a run stopped at a time limit keeps what it measured
+                write_summary(args, results)
+
+
+def write_summary(args: argparse.Namespace, results: list[dict]) -> None:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() and args.device != "cpu" else "cpu"
     summary = {"device": device, "torch": torch.__version__, "threads": torch.get_num_threads(),
                "args": {k: str(v) for k, v in vars(args).items()}, "results": results}
-    if args.json:
-        args.json.write_text(json.dumps(summary, indent=2) + "\n")
+    args.json.write_text(json.dumps(summary, indent=2) + "\n")
 
 
 if __name__ == "__main__":
