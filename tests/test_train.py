@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 import multiprocessing as mp
 import os
@@ -556,6 +557,25 @@ def test_compile_mode_reaches_torch_compile_and_needs_compile(tiny_cache, tmp_pa
         assert modes.pop() == want
     with pytest.raises(ValueError, match="compile_mode = 'max-autotune' needs compile = true"):
         _config(tiny_cache, tmp_path, compile_mode="max-autotune")
+
+
+def test_compile_says_when_a_new_shape_compiles(tiny_cache, tmp_path, monkeypatch, capsys):
+    """The first batch of each length bucket compiles for tens of seconds: the run says so, once a shape."""
+    shapes = []
+
+    def compiled(module, **kw):   # what torch.compile would compile: record each step's input shape
+        def forward(feats, lengths):
+            shapes.append(tuple(feats.shape[:2]))
+            return module(feats, lengths)
+        return forward
+    monkeypatch.setattr(torch, "compile", compiled)
+    train(_config(tiny_cache, tmp_path / "run", compile=True, steps=12, max_frames=256))
+    said = re.findall(r"step (\d+) compiles for batches of (\d+) x (\d+) frames", capsys.readouterr().err)
+    first = {}
+    for step, shape in enumerate(shapes, 1):
+        first.setdefault(shape, step)
+    assert len(shapes) == 12 and all(t % 128 == 0 for _, t in shapes) and len(first) >= 2   # two buckets at least
+    assert [(int(s), (int(b), int(t))) for s, b, t in said] == [(s, shape) for shape, s in first.items()]
 
 
 @pytest.mark.skipif(not cpu_has_native_bf16(), reason="this CPU has no native bf16")

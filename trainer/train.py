@@ -14,7 +14,7 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -65,6 +65,7 @@ class Run:
     source: object                    # MemoryBatches or stream.StreamBatches: next(step) -> Batch
     generator: torch.Generator        # SpecAugment's draws, on the device
     step: int = 0                     # optimiser steps done
+    shapes: set = field(default_factory=set)   # with --compile: the (batch, frames) shapes compiled so far
 
 
 def build_run(cfg: TrainConfig, rank: int = 0, world: int = 1, device: torch.device | None = None) -> Run:
@@ -146,9 +147,22 @@ def advance(run: Run) -> tuple[torch.Tensor, int]:
     for group in run.optimizer.param_groups:
         group["lr"] = lr
     batch = run.source.next(run.step)
+    if cfg.compile and tuple(batch.feats.shape[:2]) not in run.shapes:
+        _note_compile(run, tuple(batch.feats.shape[:2]))
     loss = fit_step(run, batch)
     run.step += 1
     return loss, batch.size
+
+
+def _note_compile(run: Run, shape: tuple[int, int]) -> None:
+    """Says why this step is slow: the first batch of a length bucket compiles (and with CUDA graphs records)
+    the step for its shape, which takes 25-37 s on an H200 (docs/benchmarks.md), while the bar's rate drops."""
+    run.shapes.add(shape)
+    if run.rank == 0:
+        from tqdm import tqdm
+        tqdm.write(f"train: step {run.step + 1} compiles for batches of {shape[0]} x {shape[1]} frames, the first "
+                   f"of its {COMPILE_BUCKET}-frame bucket (shape {len(run.shapes)}; tens of seconds each)",
+                   file=sys.stderr)
 
 
 # ----------------------------------------------------------------------------------------------------
