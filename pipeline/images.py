@@ -3,6 +3,8 @@ or JPEG bytes decoded in batches on the device (torchvision.io: nvjpeg on a GPU)
 from __future__ import annotations
 
 import io
+import queue
+import threading
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Iterator
@@ -247,19 +249,58 @@ def embed_image_files(model, preprocess, paths: list[str], device: str = "cpu", 
     loader = torch.utils.data.DataLoader(
         files, batch_size=batch_size, num_workers=workers, collate_fn=files.collate,
         pin_memory=device.startswith("cuda") and not gpu_decode, prefetch_factor=4 if workers else None)
+    if gpu_decode:
+        batches = _decoded_ahead(loader, preprocess, device)
+    else:
+        batches = ((files.model_input(pixels, device) if pixels is not None else None, reasons)
+                   for pixels, reasons in loader)
     pending = None
     with torch.inference_mode():
-        for pixels, reasons in loader:
-            if gpu_decode:
-                x = decode_on_device(pixels.unpack(), reasons, preprocess, device)
-            else:
-                x = files.model_input(pixels, device) if pixels is not None else None
+        for x, reasons in batches:
             launched = (_encode_async(model, x, device), reasons)
             if pending is not None:
                 yield _fetch(*pending)
             pending = launched
         if pending is not None:
             yield _fetch(*pending)
+
+
+def _decoded_ahead(loader, preprocess, device: str, ahead: int = 2) -> Iterator[tuple[torch.Tensor, list[str]]]:
+    """The loader's raw batches through `decode_on_device`, on a thread of its own up to `ahead` batches
+    ahead of the caller. torchvision's nvJPEG call holds its thread until the batch is decoded (it waits for
+    its stream) but not the GIL, so meanwhile the caller queues the image tower and writes the previous
+    batch instead of waiting in turn. An exception of the thread is raised here; closing the generator stops
+    the thread (and with it the loader's workers)."""
+    done: queue.Queue = queue.Queue(maxsize=ahead)
+    stop = threading.Event()
+    finished = object()
+
+    def decode() -> None:
+        try:
+            with torch.inference_mode():
+                for packed, reasons in loader:
+                    if stop.is_set():
+                        return
+                    done.put((decode_on_device(packed.unpack(), reasons, preprocess, device), reasons))
+            done.put(finished)
+        except BaseException as e:   # the caller re-raises it
+            done.put(e)
+
+    thread = threading.Thread(target=decode, name="clipspeech-decode", daemon=True)
+    thread.start()
+    try:
+        while (item := done.get()) is not finished:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():   # empty the queue, so that a put() waiting on it returns
+            try:
+                done.get(timeout=0.05)
+            except queue.Empty:
+                pass
+        thread.join()
 
 
 def _encode_async(model, x: torch.Tensor | None, device: str):

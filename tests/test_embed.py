@@ -4,6 +4,7 @@ path, refusal to mix teachers, resume and shards."""
 import hashlib
 import json
 import logging
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,7 @@ from cache.store import PartWriter, completed_parts
 from cli import main
 from corpora import write_tiny_flickr
 from pipeline.embed import EmbedConfig, embed_images
-from pipeline.images import ImageFiles, decode_on_device, open_rgb
+from pipeline.images import ImageFiles, _decoded_ahead, decode_on_device, open_rgb
 
 FP16_ATOL = 1e-3    # unit vectors stored as float16: elements <= 1 round by at most 2**-11
 # Flickr-like shapes, smaller: landscape, portrait, odd sizes; draft mode decodes them at 1/2 or 1/4 for 64 px
@@ -299,6 +300,34 @@ def test_decode_on_device_matches_pil_preprocessing(bad_corpus, corpus, tmp_path
     longest = image_transform_v2(PreprocessCfg(size=64, resize_mode="longest"), is_train=False)
     with pytest.raises(ValueError, match="--gpu-decode"):
         decode_on_device(items, reasons, longest, "cpu")
+
+
+def test_decoding_ahead_keeps_order_passes_errors_and_stops(corpus):
+    images, _ = corpus_items(corpus)
+    paths = [str(p) for p in sorted(images.values())]
+    preprocess = image_transform_v2(PreprocessCfg(size=32), is_train=False)
+    files = ImageFiles(paths, preprocess, raw=True)
+    batches = [files.collate([files[i] for i in range(k, min(k + 2, len(paths)))]) for k in range(0, len(paths), 2)]
+    want = [decode_on_device(packed.unpack(), list(reasons), preprocess, "cpu") for packed, reasons in batches]
+    got = list(_decoded_ahead(batches, preprocess, "cpu", ahead=1))
+    assert len(got) == len(want) and all(torch.equal(x, w) for (x, _), w in zip(got, want))
+
+    def running() -> bool:
+        return any(t.name == "clipspeech-decode" for t in threading.enumerate())
+
+    def failing():   # a loader whose second batch breaks (a worker's exception, say)
+        yield batches[0]
+        raise OSError("disk gone")
+    ahead = _decoded_ahead(failing(), preprocess, "cpu")
+    assert torch.equal(next(ahead)[0], want[0])
+    with pytest.raises(OSError, match="disk gone"):
+        next(ahead)
+    assert not running()
+
+    ahead = _decoded_ahead(batches * 50, preprocess, "cpu", ahead=1)   # the caller stops early
+    next(ahead)
+    ahead.close()
+    assert not running()
 
 
 # ----------------------------------------------------------------------------------------------------
