@@ -169,19 +169,14 @@ def decode_on_device(items: list[torch.Tensor], reasons: list[str], preprocess, 
     assert len(slots) == len(items), "items must be the images of `reasons` that have no failure"
     images: dict[int, torch.Tensor] = {s: x for s, x in zip(slots, items) if x.dim() == 3}
     jpegs = [(s, x) for s, x in zip(slots, items) if x.dim() == 1]
-    if jpegs:
-        try:   # one call decodes the whole batch (batched nvjpeg on a GPU)
-            decoded = _decode_jpegs([x for _, x in jpegs], device)
-            images.update(zip([s for s, _ in jpegs], decoded))
-        except RuntimeError:   # one file it cannot decode fails the call: decode them one at a time
-            for s, x in jpegs:
-                try:
-                    images[s] = _decode_jpegs([x], device)[0]
-                except RuntimeError:
-                    try:
-                        images[s] = pil_to_uint8(open_rgb(io.BytesIO(x.numpy().tobytes())))
-                    except Exception as e:
-                        reasons[s] = f"unreadable image: {type(e).__name__}: {e}"
+    for s, x in _decode_halving(jpegs, device):
+        if x is not None:
+            images[s] = x
+            continue
+        try:   # what the device cannot decode, PIL may (or says why not)
+            images[s] = pil_to_uint8(open_rgb(io.BytesIO(dict(jpegs)[s].numpy().tobytes())))
+        except Exception as e:
+            reasons[s] = f"unreadable image: {type(e).__name__}: {e}"
     # Same-sized images (most of a photo corpus) are resized together: a few kernels per batch, not per image.
     by_shape: dict[tuple, list[int]] = defaultdict(list)
     for s in sorted(images):
@@ -197,6 +192,22 @@ def decode_on_device(items: list[torch.Tensor], reasons: list[str], preprocess, 
         return torch.zeros(0, 3, 1, 1, device=device)
     x = torch.stack([done[s] for s in sorted(done)])
     return normalize(x.float() / 255)
+
+
+def _decode_halving(jpegs: list[tuple[int, torch.Tensor]], device: str) -> list[tuple[int, torch.Tensor | None]]:
+    """(slot, decoded RGB uint8 [3, H, W], or None where the device cannot decode that file), in order.
+
+    One call decodes the whole batch (batched nvJPEG on a GPU), but one file it cannot decode fails the
+    call: then each half is tried again, so a bad file among n costs about 2 log2(n) calls, not n."""
+    if not jpegs:
+        return []
+    try:
+        return list(zip([s for s, _ in jpegs], _decode_jpegs([x for _, x in jpegs], device)))
+    except RuntimeError:
+        if len(jpegs) == 1:
+            return [(jpegs[0][0], None)]
+        half = len(jpegs) // 2
+        return _decode_halving(jpegs[:half], device) + _decode_halving(jpegs[half:], device)
 
 
 _SIDE_STREAMS: dict[torch.device, "torch.cuda.Stream"] = {}

@@ -20,6 +20,7 @@ from cache.reader import StoreReader
 from cache.store import PartWriter, completed_parts
 from cli import main
 from corpora import write_tiny_flickr
+import pipeline.images
 from pipeline.embed import EmbedConfig, embed_images
 from pipeline.images import ImageFiles, _decoded_ahead, decode_on_device, open_rgb
 
@@ -300,6 +301,30 @@ def test_decode_on_device_matches_pil_preprocessing(bad_corpus, corpus, tmp_path
     longest = image_transform_v2(PreprocessCfg(size=64, resize_mode="longest"), is_train=False)
     with pytest.raises(ValueError, match="--gpu-decode"):
         decode_on_device(items, reasons, longest, "cpu")
+
+
+def test_a_bad_jpeg_costs_a_few_decoder_calls_not_one_per_image(corpus, tmp_path, monkeypatch):
+    images, _ = corpus_items(corpus)
+    good = sorted(images.values())
+    broken = tmp_path / "broken.jpg"   # a sound header with a broken Huffman table: the decoder refuses it
+    data = bytearray(good[0].read_bytes())
+    table = data.find(b"\xff\xc4")
+    data[table + 5:table + 25] = b"\xff" * 20
+    broken.write_bytes(bytes(data))
+    paths = [str(good[i % len(good)]) for i in range(31)]
+    paths.insert(20, str(broken))
+    preprocess = image_transform_v2(PreprocessCfg(size=32), is_train=False)
+    files = ImageFiles(paths, preprocess, raw=True)
+    packed, reasons = files.collate([files[i] for i in range(len(paths))])
+    calls = []
+    decode = pipeline.images._decode_jpegs
+    monkeypatch.setattr(pipeline.images, "_decode_jpegs", lambda data, device: calls.append(len(data)) or
+                        decode(data, device))
+    x = decode_on_device(packed.unpack(), reasons, preprocess, "cpu")
+    assert [bool(r) for r in reasons] == [p == str(broken) for p in paths]
+    diff = (x - torch.stack([preprocess(open_rgb(p)) for p in paths if p != str(broken)])).abs()
+    assert diff.mean() < 0.01 and diff.max() < 0.1   # every good image, in order, as PIL would give it
+    assert calls[0] == 32 and len(calls) <= 2 * 5 + 1   # halving: about 2 log2(32) calls, not 32
 
 
 def test_decoding_ahead_keeps_order_passes_errors_and_stops(corpus):
