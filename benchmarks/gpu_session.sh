@@ -25,8 +25,11 @@
 #   lease     a 15-minute lease in one call (timeout_s=600): embed, train eager, tests/test_cuda.py,
 #             train --compile at 256/1024, then reduce-overhead at 64/256, each capped, in that order
 #
-# Budget: 30 device minutes a session, machine start included. In order of need: smoke (3-5 min), embed
-# (~3), train (~8), seed-run (1-2 calls); then train-stream and extract if time is left.
+# Budget: 15 device minutes a session since 2026-12, machine start (~30 s) and idle time included; a warm
+# machine goes back after 30 s idle, so make the next call at once or give it back. Done on an H200 on
+# 2026-12-04 (docs/benchmarks.md): lease (smoke tests, embed, train). Still to do, in order of need:
+# embed (~110 s: the decode-ahead thread, unmeasured), seed-run --compile --compile-mode reduce-overhead
+# (timeout_s=600: ~100 s set-up, ~150 s compiling 5 buckets, <= 4 min of steps), then train-stream, extract.
 set -euo pipefail
 # GPU_SESSION_DEVICE=cpu runs a phase on the CPU (to check this script; no figure of it is a GPU figure).
 phase=${1:?usage: gpu_session.sh lease|smoke|embed|train|train-stream|extract|seed-run}
