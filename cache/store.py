@@ -182,7 +182,7 @@ class PartWriter:
         """Append item `key`: `array` (frames, dims), frames > 0, finite; `meta` a small JSON-able dict."""
         self._check_key(key)
         stored = self._stored(repr(key), array)
-        self._write([key], [stored], stored, [self._checked_meta(key, meta)])
+        self._write([key], stored, [len(stored)], [self._checked_meta(key, meta)])
 
     def add_rows(self, keys: list[str], rows: np.ndarray, metas: list[dict | None] | None = None) -> None:
         """Append one-frame items: keys[i] -> rows[i] (and metas[i]), as add() would one by one, but all or
@@ -200,12 +200,11 @@ class PartWriter:
             raise ValueError(f"add_rows: a key is repeated in {keys if len(keys) < 10 else 'the block'}")
         stored = self._stored(f"{keys[0]!r} .. {keys[-1]!r}", rows)
         metas = [{} for _ in keys] if metas is None else list(map(self._checked_meta, keys, metas))
-        self._write(keys, [stored[i:i + 1] for i in range(len(keys))], stored, metas)
+        self._write(keys, stored, [1] * len(keys), metas)
 
-    def _write(self, keys: list[str], arrays: list[np.ndarray], block: np.ndarray, metas: list[dict]) -> None:
-        """Items checked already: keys[i] -> arrays[i], which are `block`'s rows in order."""
-        for key, array in zip(keys, arrays):
-            self._lengths[key] = len(array)
+    def _write(self, keys: list[str], block: np.ndarray, lengths: list[int], metas: list[dict]) -> None:
+        """Items checked already: keys[i] -> the next lengths[i] rows of `block`, in order."""
+        self._lengths.update(zip(keys, lengths))
         if self.fmt == "hdf5":
             self._buffer.append(block)
             self._buffer_rows += len(block)
@@ -213,7 +212,7 @@ class PartWriter:
             if self._buffer_rows * self.dims * self.dtype.itemsize >= _FLUSH_BYTES:
                 self._flush()
             return
-        for key, array, meta in zip(keys, arrays, metas):
+        for key, array, meta in zip(keys, np.split(block, np.cumsum(lengths)[:-1]), metas):
             npy = io.BytesIO()
             np.save(npy, array, allow_pickle=False)
             escaped = escape_key(key)

@@ -169,12 +169,12 @@ def decode_on_device(items: list[torch.Tensor], reasons: list[str], preprocess, 
     assert len(slots) == len(items), "items must be the images of `reasons` that have no failure"
     images: dict[int, torch.Tensor] = {s: x for s, x in zip(slots, items) if x.dim() == 3}
     jpegs = [(s, x) for s, x in zip(slots, items) if x.dim() == 1]
-    for s, x in _decode_halving(jpegs, device):
+    for s, data, x in _decode_halving(jpegs, device):
         if x is not None:
             images[s] = x
             continue
         try:   # what the device cannot decode, PIL may (or says why not)
-            images[s] = pil_to_uint8(open_rgb(io.BytesIO(dict(jpegs)[s].numpy().tobytes())))
+            images[s] = pil_to_uint8(open_rgb(io.BytesIO(data.numpy().tobytes())))
         except Exception as e:
             reasons[s] = f"unreadable image: {type(e).__name__}: {e}"
     # Same-sized images (most of a photo corpus) are resized together: a few kernels per batch, not per image.
@@ -194,18 +194,20 @@ def decode_on_device(items: list[torch.Tensor], reasons: list[str], preprocess, 
     return normalize(x.float() / 255)
 
 
-def _decode_halving(jpegs: list[tuple[int, torch.Tensor]], device: str) -> list[tuple[int, torch.Tensor | None]]:
-    """(slot, decoded RGB uint8 [3, H, W], or None where the device cannot decode that file), in order.
+def _decode_halving(jpegs: list[tuple[int, torch.Tensor]],
+                    device: str) -> list[tuple[int, torch.Tensor, torch.Tensor | None]]:
+    """(slot, JPEG bytes, decoded RGB uint8 [3, H, W] or None where the device cannot decode that file), in
+    order.
 
     One call decodes the whole batch (batched nvJPEG on a GPU), but one file it cannot decode fails the
     call: then each half is tried again, so a bad file among n costs about 2 log2(n) calls, not n."""
     if not jpegs:
         return []
     try:
-        return list(zip([s for s, _ in jpegs], _decode_jpegs([x for _, x in jpegs], device)))
+        return [(s, x, image) for (s, x), image in zip(jpegs, _decode_jpegs([x for _, x in jpegs], device))]
     except RuntimeError:
         if len(jpegs) == 1:
-            return [(jpegs[0][0], None)]
+            return [(*jpegs[0], None)]
         half = len(jpegs) // 2
         return _decode_halving(jpegs[:half], device) + _decode_halving(jpegs[half:], device)
 

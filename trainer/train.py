@@ -147,8 +147,9 @@ def advance(run: Run) -> tuple[torch.Tensor, int]:
     for group in run.optimizer.param_groups:
         group["lr"] = lr
     batch = run.source.next(run.step)
-    if cfg.compile and tuple(batch.feats.shape[:2]) not in run.shapes:
-        _note_compile(run, tuple(batch.feats.shape[:2]))
+    shape = tuple(batch.feats.shape[:2])
+    if cfg.compile and shape not in run.shapes:
+        _note_compile(run, shape)
     loss = fit_step(run, batch)
     run.step += 1
     return loss, batch.size
