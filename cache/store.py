@@ -4,18 +4,16 @@ readers use for random access is built by cache/index.py."""
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import os
 import pathlib
 import re
-import tarfile
-import time
 
 import h5py
 import numpy as np
 
 from cache.manifest import atomic_write_json, fsync_path, settings_diff, to_json
+from cache.tar import TarMembers, npy_header
 
 FORMATS = ("hdf5", "wds")
 DTYPES = ("float16", "float32")
@@ -29,7 +27,7 @@ FAILURES_DIR = "failures"  # STORE/failures/part-00012.json: a part's failures, 
 
 _SUFFIX = {"hdf5": ".h5", "wds": ".tar"}
 _PART_RE = re.compile(r"^part-(\d{5,})\.(h5|tar)$")
-_ESCAPES = {"%": "%25", ".": "%2E", "/": "%2F"}
+_ESCAPES = str.maketrans({"%": "%25", ".": "%2E", "/": "%2F"})
 _CHUNK_BYTES = 1 << 20  # HDF5's default chunk cache is 1 MiB: a chunk that fits is cached between get()s
 _FLUSH_BYTES = 16 << 20  # the hdf5 writer appends to the resizable dataset in blocks of about this size
 
@@ -38,7 +36,7 @@ def escape_key(id: str) -> str:
     """`id` with '%', '.' and '/' percent-escaped, so webdataset's split at the first dot keeps it whole."""
     if not isinstance(id, str) or not id or "\x00" in id:
         raise ValueError(f"a store key must be a non-empty str without NUL characters, got {id!r}")
-    return "".join(_ESCAPES.get(c, c) for c in id)
+    return id.translate(_ESCAPES)
 
 
 def unescape_key(key: str) -> str:
@@ -176,18 +174,18 @@ class PartWriter:
             self._metas: list[str] = []
         else:
             self._file = open(self.tmp_path, "wb")
-            self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.PAX_FORMAT)
+            self._tar = TarMembers(self._file)
 
     def add(self, key: str, array: np.ndarray, meta: dict | None = None) -> None:
         """Append item `key`: `array` (frames, dims), frames > 0, finite; `meta` a small JSON-able dict."""
         self._check_key(key)
         stored = self._stored(repr(key), array)
-        self._write([key], stored, [len(stored)], [self._checked_meta(key, meta)])
+        self._write([key], stored, [len(stored)], [self._meta_json(key, meta, len(stored))])
 
     def add_rows(self, keys: list[str], rows: np.ndarray, metas: list[dict | None] | None = None) -> None:
         """Append one-frame items: keys[i] -> rows[i] (and metas[i]), as add() would one by one, but all or
-        none of them, with the block's checks and conversion done once (embeddings: ~30 us an item saved, a
-        quarter of the main process' time per image at 8,000 images/s)."""
+        none of them, with the block's checks and conversion done once (embeddings at 8,000 images/s leave
+        the main process ~125 us an image for everything; docs/benchmarks.md, store writes)."""
         rows = np.asarray(rows)
         if rows.ndim != 2 or len(rows) != len(keys) or (metas is not None and len(metas) != len(keys)):
             raise ValueError(f"add_rows: {len(keys)} keys need rows of shape ({len(keys)}, {self.dims}) and as "
@@ -199,26 +197,29 @@ class PartWriter:
         if len(set(keys)) != len(keys):
             raise ValueError(f"add_rows: a key is repeated in {keys if len(keys) < 10 else 'the block'}")
         stored = self._stored(f"{keys[0]!r} .. {keys[-1]!r}", rows)
-        metas = [{} for _ in keys] if metas is None else list(map(self._checked_meta, keys, metas))
-        self._write(keys, stored, [1] * len(keys), metas)
+        metas = [None] * len(keys) if metas is None else metas
+        texts = [self._meta_json(key, meta, 1) for key, meta in zip(keys, metas)]
+        self._write(keys, stored, [1] * len(keys), texts)
 
-    def _write(self, keys: list[str], block: np.ndarray, lengths: list[int], metas: list[dict]) -> None:
-        """Items checked already: keys[i] -> the next lengths[i] rows of `block`, in order."""
+    def _write(self, keys: list[str], block: np.ndarray, lengths: list[int], texts: list[str]) -> None:
+        """Items checked and their meta encoded already (`_meta_json`): keys[i] -> the next lengths[i] rows
+        of `block`, in order. Nothing here refuses an item, so a block is written whole."""
         self._lengths.update(zip(keys, lengths))
         if self.fmt == "hdf5":
             self._buffer.append(block)
             self._buffer_rows += len(block)
-            self._metas.extend(to_json(meta, "meta") if meta else "" for meta in metas)
+            self._metas.extend(texts)
             if self._buffer_rows * self.dims * self.dtype.itemsize >= _FLUSH_BYTES:
                 self._flush()
             return
-        for key, array, meta in zip(keys, np.split(block, np.cumsum(lengths)[:-1]), metas):
-            npy = io.BytesIO()
-            np.save(npy, array, allow_pickle=False)
+        header = npy_header(block.dtype, (lengths[0], self.dims)) if len(set(lengths)) == 1 else None
+        start = 0
+        for key, n, text in zip(keys, lengths, texts):
+            data = block[start:start + n].tobytes()
+            start += n
             escaped = escape_key(key)
-            self._add_member(f"{escaped}.npy", npy.getvalue())
-            info = to_json({**meta, "id": key, "frames": len(array)}, "meta")
-            self._add_member(f"{escaped}.json", info.encode("utf-8"))
+            self._tar.add(f"{escaped}.npy", (header or npy_header(block.dtype, (n, self.dims))) + data)
+            self._tar.add(f"{escaped}.json", text.encode("utf-8"))
 
     def _check_key(self, key: str) -> None:
         if self._state != "open":
@@ -244,17 +245,22 @@ class PartWriter:
                              f"{np.finfo(self.dtype).max}); write the store with dtype='float32'")
         return stored
 
-    def _checked_meta(self, key: str, meta: dict | None) -> dict:
-        meta = json.loads(to_json({} if meta is None else meta, f"meta of {key!r}"))
-        if not isinstance(meta, dict) or any(k in meta for k in RESERVED_META):
-            raise ValueError(f"{key!r}: meta must be a dict without the reserved keys {RESERVED_META}, "
-                             f"got {meta!r}")
-        return meta
-
-    def _add_member(self, name: str, data: bytes) -> None:
-        info = tarfile.TarInfo(name)
-        info.size, info.mtime, info.mode = len(data), int(time.time()), 0o644
-        self._tar.addfile(info, io.BytesIO(data))
+    def _meta_json(self, key: str, meta: dict | None, frames: int) -> str:
+        """The JSON text stored with an item of `frames` rows: hdf5 keeps `meta` ("" for none), wds the meta
+        with the item's id and frames added. ValueError for a meta that is no dict, uses a reserved key or
+        holds what JSON cannot (checked before anything of the item is written)."""
+        meta = {} if meta is None else meta
+        if not isinstance(meta, dict) or any(not isinstance(k, str) or k in RESERVED_META for k in meta):
+            raise ValueError(f"{key!r}: meta must be a dict with str keys, without the reserved keys "
+                             f"{RESERVED_META}, got {meta!r}")
+        if self.fmt == "wds":
+            meta = {**meta, "id": key, "frames": frames}
+        text = to_json(meta, f"meta of {key!r}") if meta else ""
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise ValueError(f"{key!r}: meta holds text that UTF-8 cannot encode ({err})") from None
+        return text
 
     def _flush(self) -> None:
         # Bounded memory: the buffer goes to the resizable dataset whenever it reaches _FLUSH_BYTES.

@@ -1,4 +1,5 @@
 """Feature-cache stores (both formats) read back by our reader, webdataset and h5py; manifest and records."""
+import io
 import json
 import multiprocessing
 import os
@@ -6,6 +7,7 @@ import pathlib
 import pickle
 import subprocess
 import sys
+import tarfile
 
 import h5py
 import numpy as np
@@ -17,6 +19,7 @@ from cache.manifest import (MANIFEST, CacheMismatchError, atomic_write_text, cla
 from cache.reader import StoreReader
 from cache.store import (FORMATS, PartWriter, completed_parts, escape_key, part_path, remove_leftovers,
                          unescape_key)
+from cache.tar import TarMembers, npy_header
 
 DIMS = 7
 TRICKY = ["1000_aa.wav", "a/b/c.d", "100%", "%2E", "café.ünïcode/日本", "..", "__x__", "a b"]
@@ -300,6 +303,10 @@ def test_add_rejects_bad_items(tmp_path, fmt):
             writer.add("ok", np.zeros((1, DIMS)))
         with pytest.raises(ValueError, match="reserved"):
             writer.add("meta", np.zeros((1, DIMS)), meta={"id": "other"})
+        for meta, match in (({1: "int key"}, "str keys"), ({"x": float("nan")}, "JSON values"),
+                            ({"x": "\ud800"}, "UTF-8"), (["not", "a dict"], "must be a dict")):
+            with pytest.raises(ValueError, match=match):
+                writer.add("meta", np.zeros((1, DIMS)), meta=meta)
     assert build_index(tmp_path) == 1
     with pytest.raises(ValueError, match=r"dims: cache has 7, requested 8"):
         PartWriter(tmp_path, 1, fmt, DIMS + 1)
@@ -342,6 +349,36 @@ def test_add_rows_writes_what_add_writes_one_by_one(tmp_path, fmt):
             writer.add_rows(["c"], rows[:1], [{"frames": 3}])
     build_index(tmp_path / "bad")
     assert StoreReader(tmp_path / "bad").ids == ["a"]   # a refused block adds none of its rows
+
+
+def test_tar_members_are_what_tarfile_writes(tmp_path):
+    """The wds writer stamps headers itself: its bytes must be those of Python's tarfile (PAX format), for
+    plain names and for those that need a PAX record (non-ASCII, over 100 bytes), at every padding case."""
+    names = ["a.npy", "x" * 100, "y" * 101, "café.json", "%2E%2F.npy", "日本.npy", ""]
+    members = [(name, bytes(range(256)) * (size // 256) + b"z" * (size % 256))
+               for name, size in zip(names, (0, 1, 511, 512, 513, 70_000, 3))]
+    ours, theirs = tmp_path / "ours.tar", tmp_path / "theirs.tar"
+    with open(ours, "wb") as f:
+        writer = TarMembers(f, mtime=1_700_000_000)
+        for name, data in members:
+            writer.add(name, data)
+        writer.close()
+    with tarfile.open(theirs, "w", format=tarfile.PAX_FORMAT) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime, info.mode = len(data), 1_700_000_000, 0o644
+            tar.addfile(info, io.BytesIO(data))
+    assert ours.read_bytes() == theirs.read_bytes()
+    with tarfile.open(ours) as tar:
+        assert [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()] == members
+
+
+def test_npy_header_is_what_np_save_writes():
+    for dtype, shape in ((np.float16, (1, 512)), (np.float32, (37, 39)), (np.float16, (2048, 80)), ("<i8", (3,))):
+        array = (np.arange(int(np.prod(shape))) % 1000).astype(dtype).reshape(shape)
+        saved = io.BytesIO()
+        np.save(saved, array, allow_pickle=False)
+        assert npy_header(array.dtype, array.shape) + array.tobytes() == saved.getvalue()
 
 
 def test_claim_section_writes_then_checks(tmp_path):
