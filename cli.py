@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -230,8 +231,9 @@ def train(toml, preset, **options):
 
     The first logged loss of a fresh run sits near ln(batch size), the chance level of the loss.
     Multi-GPU: torchrun --nproc-per-node N cli.py train ... (the loss sees the global batch).
-    SIGTERM or SIGUSR1 (a scheduler's notice) writes RUN_DIR/last.pt after the current step and exits;
-    --resume continues from there.
+    SIGTERM or SIGUSR1 (a scheduler's notice) writes RUN_DIR/last.pt after the current step and exits
+    with status 128 + the signal's number (143, 138), as if the signal had ended it, so that a job script
+    does not take the unfinished run for a finished one; --resume continues from there.
     """
     from trainer.config import resolve_config
     from trainer.train import train as run
@@ -242,6 +244,8 @@ def train(toml, preset, **options):
     if best.get("value") is not None:
         click.echo(f"best {best['metric']} {best['value']:.2f} at step {best['step']}; "
                    f"checkpoints in {cfg.out}")
+    if result["stopped"]:   # another process's signal stopped this one: the scheduler's usual SIGTERM
+        sys.exit(128 + (result["signal"] or signal.SIGTERM))
 
 
 @main.command(context_settings=CONTEXT)

@@ -188,12 +188,13 @@ def _wait_for_step(run_dir: Path, step: int, running, seconds: float = 120) -> b
 
 
 def _train_until_sigterm(config: dict, run_dir: Path, after_step: int) -> tuple[int, str]:
-    """Runs train(config) in a process group of its own, sends SIGTERM to the whole group (as a scheduler
-    does) once metrics.jsonl shows `after_step`; (exit status, stderr)."""
+    """Runs `cli.py train --config` with `config` as TOML in a process group of its own, sends SIGTERM to the
+    whole group (as a scheduler does) once metrics.jsonl shows `after_step`; (exit status, stderr)."""
     root = Path(__file__).resolve().parents[1]
-    code = ("import json, sys; from trainer.config import resolve_config; from trainer.train import train; "
-            "o = json.loads(sys.argv[1]); train(resolve_config(o.pop('preset'), **o))")
-    proc = subprocess.Popen([sys.executable, "-c", code, json.dumps(config)], cwd=root, start_new_session=True,
+    toml = run_dir.parent / f"{run_dir.name}.toml"   # JSON's strings, numbers and booleans are TOML's
+    toml.write_text("".join(f"{key} = {json.dumps(value)}\n" for key, value in config.items()))
+    proc = subprocess.Popen([sys.executable, "cli.py", "train", "--config", str(toml), "--cache", config["cache"],
+                             "--out", config["out"]], cwd=root, start_new_session=True,
                             stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(root)})
     if _wait_for_step(run_dir, after_step, lambda: proc.poll() is None):
         os.killpg(proc.pid, signal.SIGTERM)
@@ -205,8 +206,8 @@ def _train_until_sigterm(config: dict, run_dir: Path, after_step: int) -> tuple[
 def test_sigterm_writes_last_pt_and_the_resumed_run_logs_the_same_losses(mode, tiny_cache, tiny_wds_cache,
                                                                          tmp_path):
     """A scheduler's SIGTERM (to the training process and its stream readers alike) ends the step, writes
-    last.pt and exits cleanly; --resume then continues exactly. save_every 1000: without the signal
-    handling nothing would be saved."""
+    last.pt and exits with status 143 (the run is not finished); --resume then continues exactly. save_every
+    1000: without the signal handling nothing would be saved."""
     # log_every 3: the stop lands inside a log window, whose partial loss last.pt must carry over; eval_every
     # 1: a stop skips the validation of its step, whatever the step
     cache = tiny_cache if mode == "memory" else tiny_wds_cache
@@ -214,7 +215,7 @@ def test_sigterm_writes_last_pt_and_the_resumed_run_logs_the_same_losses(mode, t
                   log_every=3, eval_every=1)
     options = {**TINY, **common, "cache": str(cache), "out": str(tmp_path / "parts")}
     status, err = _train_until_sigterm(options, tmp_path / "parts", after_step=6)
-    assert status == 0, err
+    assert status == 128 + signal.SIGTERM, err
     stopped = load_checkpoint(tmp_path / "parts" / "last.pt")["step"]
     assert 6 <= stopped < 1000
     assert f"SIGTERM received; stopped after step {stopped}" in err

@@ -291,7 +291,8 @@ def _stop_now(request: dict, step: int, log_every: int, world: int, device: torc
 
 def train(cfg: TrainConfig) -> dict:
     """Trains until cfg.steps, cfg.stop_after more steps or a SIGTERM/SIGUSR1 (which writes last.pt first);
-    returns {"step", "best", "dev", "stopped": the signal's name or None}."""
+    returns {"step", "best", "dev", "stopped": the signal's name or None, "signal": its number (None when
+    not stopped, or stopped because another process got the signal)}."""
     from tqdm import tqdm
     rank, world, device = _init_distributed(cfg.device)
     main = rank == 0
@@ -421,7 +422,8 @@ def train(cfg: TrainConfig) -> dict:
         plot_curves(log_path, out / "curves.png")
     if tb is not None:
         tb.close()
-    return {"step": run.step, "best": best, "dev": last_eval, "stopped": stopped}
+    return {"step": run.step, "best": best, "dev": last_eval, "stopped": stopped,
+            "signal": request["signal"] if stopped else None}
 
 
 def _metric(results: dict, name: str, train_loss: float) -> float:
