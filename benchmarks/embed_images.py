@@ -12,6 +12,7 @@ encode_image one image at a time.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import logging
@@ -32,6 +33,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from cache.manifest import atomic_write_text  # noqa: E402
+import pipeline.images as images_module  # noqa: E402
 from pipeline.embed import EmbedConfig, embed_images, load_teacher  # noqa: E402
 from pipeline.images import ImageFiles, _decode_jpegs, autocast, decode_on_device  # noqa: E402
 
@@ -103,7 +105,7 @@ def naive_loop(model, preprocess, paths: list[Path], device: str) -> float:
 
 
 def gpu_path_parts(paths: list[Path], preprocess, device: str, batch_size: int, workers: int,
-                   kept: int = 8) -> dict:
+                   kept: int = 8, profile_to: Path | None = None) -> dict:
     """img/s of each part of the --gpu-decode path alone: the DataLoader handing over raw batches (files
     read in workers, nothing decoded), nvJPEG's batched decode of batches already in memory, and that decode
     with the resize, crop and normalisation of decode_on_device (after one warm-up batch each)."""
@@ -126,19 +128,71 @@ def gpu_path_parts(paths: list[Path], preprocess, device: str, batch_size: int, 
             m += len(work(packed.unpack(), list(reasons)))
         sync(device)
         rates[f"{name}_img_per_s"] = m / (time.perf_counter() - started)
+    if profile_to is not None:   # where decode_on_device's time goes, op by op, on the host and the device
+        from torch.profiler import ProfilerActivity, profile
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+        with profile(activities=activities) as prof:
+            for packed, reasons in batches[1:]:
+                decode_on_device(packed.unpack(), list(reasons), preprocess, device)
+            sync(device)
+        table = prof.key_averages()
+        sort = "self_device_time_total" if device.startswith("cuda") else "self_cpu_time_total"
+        profile_to.parent.mkdir(parents=True, exist_ok=True)
+        profile_to.write_text(f"decode_on_device, {len(batches) - 1} batches of {batch_size}\n"
+                              f"{table.table(sort_by='self_cpu_time_total', row_limit=25)}\n\n"
+                              f"{table.table(sort_by=sort, row_limit=25)}\n")
     return rates
 
 
 def end_to_end(manifest: Path, cache: Path, args, gpu_decode: bool) -> dict:
     shutil.rmtree(cache, ignore_errors=True)
     started = time.perf_counter()
-    summary = embed_images(EmbedConfig(data=manifest, cache=cache, model=args.model, pretrained=None,
-                                       device=args.device, batch_size=args.batch_size, workers=args.workers,
-                                       gpu_decode=gpu_decode, progress=not args.quiet))
+    with main_thread_waits() as waits:
+        summary = embed_images(EmbedConfig(data=manifest, cache=cache, model=args.model, pretrained=None,
+                                           device=args.device, batch_size=args.batch_size,
+                                           workers=args.workers, gpu_decode=gpu_decode,
+                                           progress=not args.quiet))
     total = time.perf_counter() - started
     return {"img_per_s": summary.images_embedded / summary.seconds_images,
             "image_phase_s": summary.seconds_images, "total_s": total, "embedded": summary.images_embedded,
-            "failed": summary.images_failed}
+            "failed": summary.images_failed,
+            **{k: round(v, 3) for k, v in waits.items() if gpu_decode or k != "wait_inputs_s"}}
+
+
+@contextlib.contextmanager
+def main_thread_waits():
+    """Seconds the stage's main thread spends waiting for its next batch of model inputs from the
+    --gpu-decode thread (PIL path: not counted) and for the device's embeddings (`_fetch`): what is left of
+    the image phase is its own work (queueing the image tower, writing the parts, the loop's Python).
+    Wraps the two functions of pipeline.images by name for the duration."""
+    waits = {"wait_inputs_s": 0.0, "wait_device_s": 0.0}
+    inputs, fetch = images_module._decoded_ahead, images_module._fetch
+
+    def timed_inputs(*args, **kwargs):
+        batches = inputs(*args, **kwargs)
+        try:
+            while True:
+                start = time.perf_counter()
+                item = next(batches, None)
+                waits["wait_inputs_s"] += time.perf_counter() - start
+                if item is None:
+                    return
+                yield item
+        finally:
+            batches.close()
+
+    def timed_fetch(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return fetch(*args, **kwargs)
+        finally:
+            waits["wait_device_s"] += time.perf_counter() - start
+
+    images_module._decoded_ahead, images_module._fetch = timed_inputs, timed_fetch
+    try:
+        yield waits
+    finally:
+        images_module._decoded_ahead, images_module._fetch = inputs, fetch
 
 
 def machine(device: str) -> str:
@@ -164,6 +218,8 @@ def main() -> None:
                         help="JPEGs and caches [bench-embed]")
     parser.add_argument("--json", type=Path, default=None, help="write the figures here")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--profile", type=Path, default=None, metavar="DIR",
+                        help="with --gpu-decode: a torch.profiler table of decode_on_device in DIR")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     if min(args.images, args.batch_size, args.ceiling_batches) < 1 or args.workers < 0:
@@ -183,8 +239,9 @@ def main() -> None:
     naive = paths[:args.naive_images or min(args.images, 200)]
     results["naive_img_per_s"] = naive_loop(teacher.model, teacher.preprocess, naive, args.device)
     if args.gpu_decode:
-        results["gpu_path_parts"] = gpu_path_parts(paths, teacher.preprocess, args.device, args.batch_size,
-                                                   args.workers)
+        results["gpu_path_parts"] = gpu_path_parts(
+            paths, teacher.preprocess, args.device, args.batch_size, args.workers,
+            profile_to=args.profile / "embed_profile_decode.txt" if args.profile else None)
     del teacher
     results["stage"] = end_to_end(manifest, args.out / "cache", args, gpu_decode=False)
     if args.gpu_decode:
@@ -206,6 +263,8 @@ def main() -> None:
             r = results[key]
             print(f"  {name + ':':<44}{r['img_per_s']:8.1f} img/s (image phase {r['image_phase_s']:.1f} s, "
                   f"whole stage {r['total_s']:.1f} s with captions, keywords and indexes)")
+            waits = ", ".join(f"{k[5:-2]} {r[k]:.1f} s" for k in ("wait_inputs_s", "wait_device_s") if k in r)
+            print(f"  {'':<44}main thread waiting for: {waits}")
     results["load_average_after"] = os.getloadavg()[0]
     print(f"  load average (1 min) before / after: {results['load_average_before']:.1f} / "
           f"{results['load_average_after']:.1f} (other processes share the cores when it exceeds them)")

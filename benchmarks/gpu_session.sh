@@ -25,18 +25,25 @@
 #   lease     a 15-minute lease in one call (timeout_s=600): embed, train eager, tests/test_cuda.py,
 #             train --compile at 256/1024, then reduce-overhead at 64/256, each capped, in that order
 #
+#   next      the next lease's first call (timeout_s=300): seed-setup, embed, reduce-overhead at batch 64
+#             with a torch.profiler table of both paths ($out/train_profile_b64.txt)
+#   seed-setup  the seed-run's demo corpus and cache (~100 s), once per machine
+#
 # Budget: 15 device minutes a session since 2026-12, machine start (~30 s) and idle time included; a warm
 # machine goes back after 30 s idle, so make the next call at once or give it back. Done on an H200 on
-# 2026-12-04 (docs/benchmarks.md): lease (smoke tests, embed, train). Still to do, in order of need:
-# embed (~110 s: the decode-ahead thread, unmeasured), seed-run --compile --compile-mode reduce-overhead
-# (timeout_s=600: ~100 s set-up, ~150 s compiling 5 buckets, <= 4 min of steps), then train-stream, extract.
+# 2026-12-04 (docs/benchmarks.md): lease (smoke tests, embed, train). Still to do, in order of need, as
+# two calls back to back (~30 + 290 + 580 s):
+#   run(command="bash benchmarks/gpu_session.sh next", carry=[".whl"], timeout_s=300)
+#   run(command="SEED_RUN_UNTIL=<left - 30> bash benchmarks/gpu_session.sh seed-run --compile
+#       --compile-mode reduce-overhead", carry=[".whl"], timeout_s=<budget_left - 10>)
+# then train-stream and extract when a lease allows.
 set -euo pipefail
 # GPU_SESSION_DEVICE=cpu runs a phase on the CPU (to check this script; no figure of it is a GPU figure).
-phase=${1:?usage: gpu_session.sh lease|smoke|embed|train|train-stream|extract|seed-run}
+phase=${1:?usage: gpu_session.sh next|lease|smoke|embed|train|train-stream|extract|seed-setup|seed-run}
 device=${GPU_SESSION_DEVICE:-cuda}
-if compgen -G ".whl/*.whl" > /dev/null; then
+if [ -z "${GPU_SESSION_WHEELS:-}" ] && compgen -G ".whl/*.whl" > /dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  export PYTHONPATH=/tmp/site:$PWD
+  export PYTHONPATH=/tmp/site:$PWD GPU_SESSION_WHEELS=1   # a phase that runs another: installed once
 fi
 out=${OUT:-gpu-out}
 mkdir -p "$out"
@@ -45,7 +52,41 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > 
 nproc >> "$out/gpu.txt"
 date -u +%F >> "$out/gpu.txt"
 
+demo=/tmp/seed-demo   # the seed-run's demo corpus and cache: kept while the machine stays warm
+seed_setup() {
+  # make-demo (71 s of it fitting the teacher on an H200 box), extract-audio, embed-images: ~100 s
+  if [ ! -f "$demo/ready" ]; then
+    rm -rf "$demo"
+    python3 cli.py make-demo --out "$demo/corpus" --workers 16
+    python3 cli.py extract-audio --data "$demo/corpus" --cache "$demo/cache" --workers 16
+    python3 cli.py embed-images --data "$demo/corpus" --cache "$demo/cache" \
+      --model "local-dir:$demo/corpus/teacher" --device "$device"
+    touch "$demo/ready"
+  fi
+}
+
 case "$phase" in
+  next)
+    # The next lease's first call (timeout_s=300): the seed-run's demo set-up, the embed-images benchmark
+    # (the decode-ahead thread and the cheaper store writes, unmeasured), then CUDA graphs at batch 64 with
+    # more steps and a profile of both paths (its ratio was 0.86). The seed-run follows AT ONCE (30 s idle
+    # release) in a call of its own with what is left: set-up done, all of it trains.
+    export PYTHONUNBUFFERED=1
+    {
+      echo "== $(date -u +%T) seed-setup"
+      timeout -k 10 150 bash "$0" seed-setup || echo "== seed-setup stopped or failed (rc $?)" >&2
+      echo "== $(date -u +%T) at ${SECONDS}s: embed"
+      timeout -k 10 130 python3 benchmarks/embed_images.py --images "${NEXT_IMAGES:-20000}" --device "$device" \
+        --batch-size 256 --workers 16 --gpu-decode --ceiling-batches 30 --quiet --out /tmp/bench-embed \
+        --profile "$out" --json "$out/embed_images_cuda.json" || echo "== embed stopped or failed (rc $?)" >&2
+      left=$(( ${NEXT_SECONDS:-285} - SECONDS ))
+      echo "== $(date -u +%T) at ${SECONDS}s: reduce-overhead batch 64 with a profile, cap ${left}s"
+      (( left > 30 )) && { timeout -k 10 "$left" python3 benchmarks/train_throughput.py --device "$device" \
+        --cache /tmp/bench-train --utterances "${NEXT_UTTERANCES:-10240}" --compile --compile-mode reduce-overhead \
+        --batch-sizes "${NEXT_BATCHES:-64}" --steps "${NEXT_STEPS:-200}" --profile "$out" \
+        --json "$out/train_throughput_cuda_cudagraphs_64.json" || echo "== stopped or failed (rc $?)" >&2; }
+      echo "== done at ${SECONDS}s"
+    } 2>&1 | tee "$out/next.log" ;;
   smoke)
     CLIPSPEECH_TEST_DEVICE=$device python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py \
       > "$out/test_cuda.txt" 2>&1 || echo "tests/test_cuda.py FAILED: see $out/test_cuda.txt" >&2
@@ -75,14 +116,10 @@ case "$phase" in
   extract)
     python3 benchmarks/extract_audio.py --utterances 20000 --workers 16 --device "$device" --repeats 1 \
       --out /tmp/bench-extract --json "$out/extract_audio_cuda.json" ;;
+  seed-setup)
+    seed_setup ;;
   seed-run)
-    demo=/tmp/seed-demo
-    if [ ! -f "$demo/cache/cache.json" ]; then
-      python3 cli.py make-demo --out "$demo/corpus" --workers 16
-      python3 cli.py extract-audio --data "$demo/corpus" --cache "$demo/cache" --workers 16
-      python3 cli.py embed-images --data "$demo/corpus" --cache "$demo/cache" \
-        --model "local-dir:$demo/corpus/teacher" --device "$device"
-    fi
+    seed_setup
     resume=()
     [ -f "$demo/run/last.pt" ] && resume=(--resume)
     # whatever happens below, the run's log comes back with the call
@@ -132,5 +169,6 @@ case "$phase" in
       echo "== done at ${SECONDS}s"
     } 2>&1 | tee "$out/lease.log" ;;
   *)
-    echo "unknown phase $phase: use smoke, embed, train, train-stream, extract or seed-run" >&2; exit 2 ;;
+    echo "unknown phase $phase: use next, lease, smoke, embed, train, train-stream, extract, seed-setup or" \
+      "seed-run" >&2; exit 2 ;;
 esac

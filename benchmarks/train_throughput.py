@@ -85,9 +85,11 @@ def timed(step, n: int, device: torch.device) -> tuple[float, float]:
     return time.perf_counter() - start, time.process_time() - cpu
 
 
-def measure(cfg: TrainConfig, frames: int, steps: int, warmup: int, repeats: int) -> dict:
+def measure(cfg: TrainConfig, frames: int, steps: int, warmup: int, repeats: int,
+            profile_dir: Path | None = None) -> dict:
     """utterances per second (wall) and per CPU second of the real loop and of the ceiling, each the best
-    of `repeats` alternating rounds."""
+    of `repeats` alternating rounds; the data path's share of the real loop (`data_us_per_step`: what
+    `advance` adds to `fit_step`, timed alone); with `profile_dir`, torch.profiler tables of both paths."""
     run = build_run(cfg)
     device, batch = run.device, cfg.batch_size
     gen = torch.Generator(device=device).manual_seed(0)
@@ -111,9 +113,33 @@ def measure(cfg: TrainConfig, frames: int, steps: int, warmup: int, repeats: int
             wall, cpu = timed(step, steps, device)
             best[f"{name}_utt_per_s"] = max(best[f"{name}_utt_per_s"], steps * batch / wall)
             best[f"{name}_utt_per_cpu_s"] = max(best[f"{name}_utt_per_cpu_s"], steps * batch / cpu)
+    # the batches alone, as advance() makes them (the sampler moves on; nothing is trained)
+    data_wall, data_cpu = timed(lambda: run.source.next(run.step).feats[0, 0, 0], steps, device)
+    if profile_dir is not None:
+        profile_paths(paths, steps, device, profile_dir / f"train_profile_b{batch}.txt")
     run.source.close()
     return {"batch_size": batch, **best, **warmup_s, "ratio": best["real_utt_per_s"] / best["ceiling_utt_per_s"],
-            "cpu_ratio": best["real_utt_per_cpu_s"] / best["ceiling_utt_per_cpu_s"]}
+            "cpu_ratio": best["real_utt_per_cpu_s"] / best["ceiling_utt_per_cpu_s"],
+            "data_us_per_step": 1e6 * data_wall / steps, "data_cpu_us_per_step": 1e6 * data_cpu / steps}
+
+
+def profile_paths(paths: dict, steps: int, device: torch.device, out: Path) -> None:
+    """torch.profiler over `steps` steps of each path: where the host's time goes (self CPU time per op,
+    the launch overhead that decides small batches) and, on a GPU, the device's; tables to `out`."""
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sections = []
+    for name, step in paths.items():
+        with profile(activities=activities) as prof:
+            wall, _ = timed(step, steps, device)
+        table = prof.key_averages()
+        sections.append(f"== {name}: {steps} steps, {1e3 * wall / steps:.3f} ms a step under the profiler; "
+                        f"by self CPU time\n{table.table(sort_by='self_cpu_time_total', row_limit=30)}")
+        if device.type == "cuda":
+            sections.append(f"== {name}: by self device time\n"
+                            f"{table.table(sort_by='self_device_time_total', row_limit=20)}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n\n".join(sections) + "\n")
 
 
 def main() -> None:
@@ -136,6 +162,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads [torch's default]")
     parser.add_argument("--layers", type=int, default=8, help="transformer layers [seed: 8]")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    parser.add_argument("--profile", type=Path, default=None, metavar="DIR",
+                        help="also profile both paths (torch.profiler) at each batch size: tables in DIR")
     args = parser.parse_args()
 
     sizes = [int(b) for b in args.batch_sizes.split(",")]
@@ -157,12 +185,12 @@ def main() -> None:
                               progress=False)
             if args.threads:
                 torch.set_num_threads(args.threads)
-            r = measure(cfg, args.frames, args.steps, args.warmup, args.repeats)
+            r = measure(cfg, args.frames, args.steps, args.warmup, args.repeats, args.profile)
             results.append(r)
             print(f"batch {batch:5d}: real loop {r['real_utt_per_s']:9.1f} utt/s, ceiling "
                   f"{r['ceiling_utt_per_s']:9.1f} utt/s, ratio {r['ratio']:.2f}; per CPU second "
                   f"{r['real_utt_per_cpu_s']:.1f} vs {r['ceiling_utt_per_cpu_s']:.1f}, ratio "
-                  f"{r['cpu_ratio']:.2f}", flush=True)
+                  f"{r['cpu_ratio']:.2f}; the batches alone {r['data_us_per_step']:.0f} us a step", flush=True)
             if args.json:   # after each batch size: a run stopped at a time limit keeps what it measured
                 write_summary(args, results)
 
