@@ -182,15 +182,18 @@ def decode_on_device(items: list[torch.Tensor], reasons: list[str], preprocess, 
     for s in sorted(images):
         if not reasons[s]:
             by_shape[tuple(images[s].shape)].append(s)
-    done: dict[int, torch.Tensor] = {}
+    outputs, order = [], []
     for group in by_shape.values():
         x = torch.stack([images[s].to(device, non_blocking=True) for s in group])
         for step in steps:
             x = step(x)
-        done.update(zip(group, x))
-    if not done:
+        outputs.append(x)
+        order += group
+    if not outputs:
         return torch.zeros(0, 3, 1, 1, device=device)
-    x = torch.stack([done[s] for s in sorted(done)])
+    x = torch.cat(outputs) if len(outputs) > 1 else outputs[0]
+    if len(outputs) > 1:   # back to batch order: one gather, not a view and a copy per image
+        x = x[torch.from_numpy(np.argsort(order, kind="stable")).to(x.device)]
     return normalize(x.float() / 255)
 
 
