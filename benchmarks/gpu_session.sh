@@ -79,11 +79,11 @@ case "$phase" in
       timeout -k 10 130 python3 benchmarks/embed_images.py --images "${NEXT_IMAGES:-20000}" --device "$device" \
         --batch-size 256 --workers 16 --gpu-decode --ceiling-batches 30 --quiet --out /tmp/bench-embed \
         --profile "$out" --json "$out/embed_images_cuda.json" || echo "== embed stopped or failed (rc $?)" >&2
-      left=$(( ${NEXT_SECONDS:-285} - SECONDS ))
+      left=$(( ${NEXT_SECONDS:-290} - SECONDS ))
       echo "== $(date -u +%T) at ${SECONDS}s: reduce-overhead batch 64 with a profile, cap ${left}s"
       (( left > 30 )) && { timeout -k 10 "$left" python3 benchmarks/train_throughput.py --device "$device" \
         --cache /tmp/bench-train --utterances "${NEXT_UTTERANCES:-10240}" --compile --compile-mode reduce-overhead \
-        --batch-sizes "${NEXT_BATCHES:-64}" --steps "${NEXT_STEPS:-200}" --profile "$out" \
+        --batch-sizes "${NEXT_BATCHES:-64}" --steps "${NEXT_STEPS:-100}" --profile "$out" \
         --json "$out/train_throughput_cuda_cudagraphs_64.json" || echo "== stopped or failed (rc $?)" >&2; }
       echo "== done at ${SECONDS}s"
     } 2>&1 | tee "$out/next.log" ;;
