@@ -32,7 +32,8 @@ import soundfile as sf  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from cache.manifest import atomic_write_text  # noqa: E402
+from cache.manifest import IMAGE_STORE, atomic_write_text  # noqa: E402
+from cache.reader import StoreReader  # noqa: E402
 import pipeline.images as images_module  # noqa: E402
 from pipeline.embed import EmbedConfig, embed_images, load_teacher  # noqa: E402
 from pipeline.images import ImageFiles, _decode_jpegs, autocast, decode_on_device  # noqa: E402
@@ -159,6 +160,18 @@ def end_to_end(manifest: Path, cache: Path, args, gpu_decode: bool) -> dict:
             **{k: round(v, 3) for k, v in waits.items() if gpu_decode or k != "wait_inputs_s"}}
 
 
+def agreement(cache: Path, other: Path) -> dict:
+    """Cosine of each image's embedding in `other` with its embedding in `cache` (two decoding paths, one
+    model): a fast path that computed something else (a stream race, a batch out of order) shows here. Two
+    different images of this benchmark with random weights are far apart (test_cuda.py: median cosine
+    -0.08), the same image decoded by nvJPEG or PIL >= 0.97."""
+    with StoreReader(cache / IMAGE_STORE) as a, StoreReader(other / IMAGE_STORE) as b:
+        want, _, ids = a.load_all()
+        got, _, _ = b.load_all(ids)
+    cosine = np.einsum("ij,ij->i", want.astype(np.float32), got.astype(np.float32))
+    return {"images": len(ids), "min_cosine": float(cosine.min()), "median_cosine": float(np.median(cosine))}
+
+
 @contextlib.contextmanager
 def main_thread_waits():
     """Seconds the stage's main thread spends waiting for its next batch of model inputs from the
@@ -247,6 +260,7 @@ def main() -> None:
     if args.gpu_decode:
         results["stage_gpu_decode"] = end_to_end(manifest, args.out / "cache-gpu-decode", args,
                                                  gpu_decode=True)
+        results["agreement"] = agreement(args.out / "cache", args.out / "cache-gpu-decode")
 
     print(f"\n{results['machine']}\n{args.images} JPEGs of {WIDTH}x{HEIGHT}, {size_kb:.0f} KB; "
           f"{args.model} random weights on {args.device}, batch {args.batch_size}, {args.workers} workers")
@@ -265,6 +279,10 @@ def main() -> None:
                   f"whole stage {r['total_s']:.1f} s with captions, keywords and indexes)")
             waits = ", ".join(f"{k[5:-2]} {r[k]:.1f} s" for k in ("wait_inputs_s", "wait_device_s") if k in r)
             print(f"  {'':<44}main thread waiting for: {waits}")
+    if "agreement" in results:
+        a = results["agreement"]
+        print(f"  --gpu-decode's embeddings against the PIL path's: cosine min {a['min_cosine']:.4f}, median "
+              f"{a['median_cosine']:.4f} over {a['images']} images")
     results["load_average_after"] = os.getloadavg()[0]
     print(f"  load average (1 min) before / after: {results['load_average_before']:.1f} / "
           f"{results['load_average_after']:.1f} (other processes share the cores when it exceeds them)")

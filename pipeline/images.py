@@ -2,6 +2,7 @@
 or JPEG bytes decoded in batches on the device (torchvision.io: nvjpeg on a GPU), then the image tower."""
 from __future__ import annotations
 
+import contextlib
 import io
 import queue
 import threading
@@ -285,19 +286,28 @@ def _decoded_ahead(loader, preprocess, device: str, ahead: int = 2) -> Iterator[
     """The loader's raw batches through `decode_on_device`, on a thread of its own up to `ahead` batches
     ahead of the caller. torchvision's nvJPEG call holds its thread until the batch is decoded (it waits for
     its stream) but not the GIL, so meanwhile the caller queues the image tower and writes the previous
-    batch instead of waiting in turn. An exception of the thread is raised here; closing the generator stops
-    the thread (and with it the loader's workers)."""
+    batch instead of waiting in turn. On a GPU the thread's kernels (resizing, normalising) go to a stream
+    of its own, so that they can run beside the image tower's instead of queueing behind them; each batch
+    comes with an event that the caller's stream waits for. An exception of the thread is raised here;
+    closing the generator stops the thread (and with it the loader's workers)."""
     done: queue.Queue = queue.Queue(maxsize=ahead)
     stop = threading.Event()
     finished = object()
+    dev = torch.device(device)
+    stream = torch.cuda.Stream(dev) if dev.type == "cuda" else None
 
     def decode() -> None:
         try:
-            with torch.inference_mode():
+            with torch.inference_mode(), torch.cuda.stream(stream) if stream else contextlib.nullcontext():
                 for packed, reasons in loader:
                     if stop.is_set():
                         return
-                    done.put((decode_on_device(packed.unpack(), reasons, preprocess, device), reasons))
+                    x = decode_on_device(packed.unpack(), reasons, preprocess, device)
+                    ready = None
+                    if stream is not None:
+                        ready = torch.cuda.Event()
+                        ready.record(stream)
+                    done.put((x, reasons, ready))
             done.put(finished)
         except BaseException as e:   # the caller re-raises it
             done.put(e)
@@ -308,7 +318,12 @@ def _decoded_ahead(loader, preprocess, device: str, ahead: int = 2) -> Iterator[
         while (item := done.get()) is not finished:
             if isinstance(item, BaseException):
                 raise item
-            yield item
+            x, reasons, ready = item
+            if ready is not None:   # the caller's stream reads x once the thread's stream has written it,
+                caller = torch.cuda.current_stream(x.device)
+                caller.wait_event(ready)
+                x.record_stream(caller)   # and x's memory is not reused before the caller is done with it
+            yield x, reasons
     finally:
         stop.set()
         while thread.is_alive():   # empty the queue, so that a put() waiting on it returns
