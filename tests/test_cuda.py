@@ -6,7 +6,6 @@ Skipped where torch sees no GPU. The GPU box runs them before any benchmark (`be
 smoke`). CLIPSPEECH_TEST_DEVICE=cpu runs them on the CPU, which checks the tests themselves."""
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
@@ -18,25 +17,19 @@ import torch
 from cache.manifest import IMAGE_STORE, TEXT_STORE, read_manifest
 from cache.reader import StoreReader
 from trainer.checkpoint import load_checkpoint
-from trainer.config import resolve_config
 from trainer.train import train
+
+from runs import logged_losses, tiny_config
 
 DEVICE = os.environ.get("CLIPSPEECH_TEST_DEVICE") or ("cuda" if torch.cuda.is_available() else None)
 pytestmark = pytest.mark.skipif(DEVICE is None, reason="no CUDA GPU (CLIPSPEECH_TEST_DEVICE=cpu runs these "
                                                        "on the CPU)")
 BF16 = DEVICE is not None and DEVICE.startswith("cuda")
-# the tiny trainer set-up of test_train.py, on DEVICE
-TINY = dict(layers=1, ff_dim=128, lr=2e-3, warmup=5, batch_size=8, log_every=1, threads=1, progress=False,
-            eval_every=1000, save_every=1000, cpu_bf16=False)
 
 
 def _config(cache, out, **changes):
-    return resolve_config("demo", cache=str(cache), out=str(out), device=DEVICE, **{**TINY, **changes})
-
-
-def _losses(run_dir: Path) -> dict[int, float]:
-    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
-    return {r["step"]: r["loss"] for r in map(json.loads, lines) if "loss" in r}
+    """The tiny trainer set-up of test_train.py, on DEVICE."""
+    return tiny_config(cache, out, device=DEVICE, **changes)
 
 
 def _stored(cache: Path, store: str) -> tuple[list[str], np.ndarray]:
@@ -109,7 +102,7 @@ def learned(tiny_cache, tmp_path_factory):
 
 
 def test_training_on_the_device_learns(learned):
-    losses = _losses(learned)
+    losses = logged_losses(learned)
     chance = math.log(8)
     assert abs(losses[1] - chance) < 0.1 * chance
     late = np.mean([losses[s] for s in range(51, 61)])
@@ -130,7 +123,7 @@ def test_a_run_stopped_and_resumed_on_the_device_logs_the_same_losses(mode, tiny
     train(_config(cache, tmp_path / "whole", **common))
     train(_config(cache, tmp_path / "parts", stop_after=3, **common))
     train(_config(cache, tmp_path / "parts", resume=True, **common))
-    whole, parts = _losses(tmp_path / "whole"), _losses(tmp_path / "parts")
+    whole, parts = logged_losses(tmp_path / "whole"), logged_losses(tmp_path / "parts")
     assert sorted(whole) == sorted(parts) == list(range(1, 10))
     np.testing.assert_allclose([parts[s] for s in whole], [whole[s] for s in whole], rtol=1e-3)
 
@@ -142,7 +135,7 @@ def test_compiled_training_on_the_device_logs_the_losses_of_eager(mode, tiny_cac
     common = dict(steps=3, dropout=0.0, spec_augment=False, max_frames=128)
     train(_config(tiny_cache, tmp_path / "compiled", compile=True, compile_mode=mode, **common))
     train(_config(tiny_cache, tmp_path / "eager", **common))
-    compiled, eager = _losses(tmp_path / "compiled"), _losses(tmp_path / "eager")
+    compiled, eager = logged_losses(tmp_path / "compiled"), logged_losses(tmp_path / "eager")
     assert sorted(compiled) == sorted(eager) == [1, 2, 3]
     np.testing.assert_allclose([compiled[s] for s in eager], [eager[s] for s in eager],
                                rtol=2e-2 if BF16 else 1e-5)

@@ -31,21 +31,9 @@ from trainer.precision import autocast, cpu_has_native_bf16
 from trainer.stream import StreamBatches, pass_batches
 from trainer.train import train
 
-# small and quick: one transformer layer, 8-utterance batches of the 12 training images; fp32 whatever the
-# CPU, so that the figures below do not depend on the machine (the bf16 path has its own test)
-TINY = dict(preset="demo", layers=1, ff_dim=128, lr=2e-3, warmup=5, batch_size=8, log_every=1, threads=1,
-            device="cpu", progress=False, eval_every=1000, save_every=1000, cpu_bf16=False)
+from runs import TINY, logged_losses, tiny_config
+
 LEARN = dict(steps=60, eval_every=30, save_every=30)
-
-
-def _config(cache, out, **changes) -> TrainConfig:
-    options = {**TINY, **changes}
-    return resolve_config(options.pop("preset"), cache=str(cache), out=str(out), **options)
-
-
-def _losses(run_dir: Path) -> dict[int, float]:
-    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
-    return {r["step"]: r["loss"] for r in map(json.loads, lines) if "loss" in r}
 
 
 def _record_batches(monkeypatch) -> list[torch.Tensor]:
@@ -85,13 +73,13 @@ def learned(tiny_cache, tmp_path_factory):
     out = tmp_path_factory.mktemp("learned") / "run"
     with pytest.MonkeyPatch.context() as patch:
         seen = _record_batches(patch)
-        result = train(_config(tiny_cache, out, **LEARN))
+        result = train(tiny_config(tiny_cache, out, **LEARN))
     return out, result, seen
 
 
 def test_first_loss_is_near_chance_and_training_lowers_it_clearly(learned):
     out, result, _ = learned
-    losses = _losses(out)
+    losses = logged_losses(out)
     chance = math.log(8)
     assert abs(losses[1] - chance) < 0.1 * chance            # random student: ln(B), the loss's chance level
     late = np.mean([losses[s] for s in range(51, 61)])      # seeds 42, 1, 7 gave 0.98, 0.88, 0.74
@@ -104,7 +92,7 @@ def test_run_dir_holds_config_logs_checkpoints_and_curves(learned, tiny_cache):
     for name in ("config.json", "metrics.jsonl", "last.pt", "best.pt", "curves.png"):
         assert (out / name).is_file(), name
     saved = json.loads((out / "config.json").read_text())
-    assert saved == _config(tiny_cache, out, **LEARN).to_dict()
+    assert saved == tiny_config(tiny_cache, out, **LEARN).to_dict()
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     dev = [r for r in records if "dev/keyword_mAP" in r]
     assert [r["step"] for r in dev] == [30, 60]
@@ -148,12 +136,12 @@ def test_stopped_and_resumed_run_logs_the_same_losses(mode, tiny_cache, tiny_wds
     cache = tiny_cache if mode == "memory" else tiny_wds_cache
     schedule = "4:5,8" if mode == "memory" else "2:5,4"
     common = dict(steps=9, dropout=0.1, spec_augment=True, batch_schedule=schedule, data_mode=mode, workers=2)
-    train(_config(cache, tmp_path / "whole", **common))
+    train(tiny_config(cache, tmp_path / "whole", **common))
     whole_batches = list(batch_images)
-    train(_config(cache, tmp_path / "parts", stop_after=3, **common))
+    train(tiny_config(cache, tmp_path / "parts", stop_after=3, **common))
     assert load_checkpoint(tmp_path / "parts" / "last.pt")["step"] == 3
-    train(_config(cache, tmp_path / "parts", resume=True, **common))
-    whole, parts = _losses(tmp_path / "whole"), _losses(tmp_path / "parts")
+    train(tiny_config(cache, tmp_path / "parts", resume=True, **common))
+    whole, parts = logged_losses(tmp_path / "whole"), logged_losses(tmp_path / "parts")
     assert sorted(whole) == list(range(1, 10)) and sorted(parts) == sorted(whole)
     assert [whole[s] for s in whole] == [parts[s] for s in whole]
     records = [json.loads(line) for line in (tmp_path / "parts" / "metrics.jsonl").read_text().splitlines()]
@@ -170,18 +158,18 @@ def test_resume_after_a_crash_mid_log_line(tiny_cache, tmp_path):
     # a run killed while appending to metrics.jsonl leaves a torn last line; --resume must drop it with
     # the other lines past the checkpoint, not fail on it
     out = tmp_path / "run"
-    train(_config(tiny_cache, out, steps=4, stop_after=2))
+    train(tiny_config(tiny_cache, out, steps=4, stop_after=2))
     with open(out / "metrics.jsonl", "a") as f:
         f.write('{"step": 3, "loss": 2.')
-    train(_config(tiny_cache, out, steps=4, resume=True))
-    assert sorted(_losses(out)) == [1, 2, 3, 4]
+    train(tiny_config(tiny_cache, out, steps=4, resume=True))
+    assert sorted(logged_losses(out)) == [1, 2, 3, 4]
 
 
 def _wait_for_step(run_dir: Path, step: int, running, seconds: float = 120) -> bool:
     """Polls RUN_DIR/metrics.jsonl until it logs `step` (True), or running() is False or time is up."""
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline and running():
-        if (run_dir / "metrics.jsonl").is_file() and max(_losses(run_dir), default=0) >= step:
+        if (run_dir / "metrics.jsonl").is_file() and max(logged_losses(run_dir), default=0) >= step:
             return True
         time.sleep(0.05)
     return False
@@ -222,9 +210,9 @@ def test_sigterm_writes_last_pt_and_the_resumed_run_logs_the_same_losses(mode, t
     lines = (tmp_path / "parts" / "metrics.jsonl").read_text().splitlines()
     validated = [r["step"] for r in map(json.loads, lines) if "dev/keyword_mAP" in r]
     assert validated == list(range(1, stopped))
-    train(_config(cache, tmp_path / "parts", resume=True, stop_after=8, **common))
-    train(_config(cache, tmp_path / "whole", stop_after=stopped + 8, **common))
-    whole, parts = _losses(tmp_path / "whole"), _losses(tmp_path / "parts")
+    train(tiny_config(cache, tmp_path / "parts", resume=True, stop_after=8, **common))
+    train(tiny_config(cache, tmp_path / "whole", stop_after=stopped + 8, **common))
+    whole, parts = logged_losses(tmp_path / "whole"), logged_losses(tmp_path / "parts")
     assert sorted(parts) == sorted(whole) == [1] + list(range(3, stopped + 9, 3))
     assert [parts[s] for s in whole] == [whole[s] for s in whole]
 
@@ -249,7 +237,7 @@ def test_features_go_to_the_device_in_chunks(tiny_cache, monkeypatch):
 
 def test_stream_mode_needs_a_webdataset_cache(tiny_cache, tmp_path):
     with pytest.raises(ValueError, match="--format wds"):
-        train(_config(tiny_cache, tmp_path / "run", steps=2, data_mode="stream"))
+        train(tiny_config(tiny_cache, tmp_path / "run", steps=2, data_mode="stream"))
 
 
 def test_stream_refuses_more_ranks_than_shards_and_caps_readers(tiny_wds_cache):
@@ -308,17 +296,17 @@ def _ddp_rank(rank: int, port: int, config: dict) -> None:
 def test_two_ddp_processes_log_the_losses_of_one(tiny_cache, tmp_path):
     port = _free_port()
     common = dict(steps=3, batch_size=4, dropout=0.0, spec_augment=False)
-    ddp = _config(tiny_cache, tmp_path / "ddp", **common).to_dict()
+    ddp = tiny_config(tiny_cache, tmp_path / "ddp", **common).to_dict()
     ctx = mp.get_context("spawn")
     procs = [ctx.Process(target=_ddp_rank, args=(rank, port, ddp)) for rank in range(2)]
     for p in procs:
         p.start()
-    train(_config(tiny_cache, tmp_path / "one", **common))   # meanwhile, the single process
+    train(tiny_config(tiny_cache, tmp_path / "one", **common))   # meanwhile, the single process
     for p in procs:
         p.join(timeout=120)
     assert [p.exitcode for p in procs] == [0, 0]
     assert len(load_checkpoint(tmp_path / "ddp" / "last.pt")["ranks"]) == 2   # one run of two processes
-    one, two = _losses(tmp_path / "one"), _losses(tmp_path / "ddp")
+    one, two = logged_losses(tmp_path / "one"), logged_losses(tmp_path / "ddp")
     assert sorted(one) == sorted(two) == [1, 2, 3]
     assert np.allclose([one[s] for s in one], [two[s] for s in one], rtol=1e-4, atol=1e-5)
 
@@ -327,7 +315,7 @@ def test_a_sigterm_to_one_ddp_process_stops_both_after_one_step(tiny_cache, tmp_
     """The processes agree at log steps: the one that got the signal must not leave the other waiting in a
     collective, and last.pt holds both processes' states at the same step."""
     port = _free_port()
-    ddp = _config(tiny_cache, tmp_path / "ddp", steps=1000, batch_size=4, log_every=5).to_dict()
+    ddp = tiny_config(tiny_cache, tmp_path / "ddp", steps=1000, batch_size=4, log_every=5).to_dict()
     procs = [mp.get_context("spawn").Process(target=_ddp_rank, args=(rank, port, ddp)) for rank in range(2)]
     for p in procs:
         p.start()
@@ -351,10 +339,10 @@ def test_a_run_resumes_on_another_number_of_processes(mode, tiny_cache, tiny_wds
     (the checkpoint says how many wrote it), the stream restarts its order, nothing hangs."""
     cache = tiny_cache if mode == "memory" else tiny_wds_cache
     common = dict(steps=6, batch_size=4, data_mode=mode, workers=1)
-    train(_config(cache, tmp_path / "run", stop_after=3, **common))
+    train(tiny_config(cache, tmp_path / "run", stop_after=3, **common))
     three = load_checkpoint(tmp_path / "run" / "last.pt")
     port = _free_port()
-    resumed = _config(cache, tmp_path / "run", resume=True, **common).to_dict()
+    resumed = tiny_config(cache, tmp_path / "run", resume=True, **common).to_dict()
     procs = [mp.get_context("spawn").Process(target=_ddp_rank, args=(r, port, resumed)) for r in range(2)]
     for p in procs:
         p.start()
@@ -363,7 +351,7 @@ def test_a_run_resumes_on_another_number_of_processes(mode, tiny_cache, tiny_wds
     assert [p.exitcode for p in procs] == [0, 0]
     six = load_checkpoint(tmp_path / "run" / "last.pt")
     assert six["step"] == 6 and len(three["ranks"]) == 1 and len(six["ranks"]) == 2
-    assert sorted(_losses(tmp_path / "run")) == [1, 2, 3, 4, 5, 6]
+    assert sorted(logged_losses(tmp_path / "run")) == [1, 2, 3, 4, 5, 6]
     steps = [g["step"] for g in six["optimizer"]["state"].values()]   # AdamW's own count went on from 3
     assert steps and all(int(step) == 6 for step in steps)
 
@@ -405,8 +393,8 @@ def test_two_stream_ranks_never_share_an_image_and_run_through_passes(workers, t
     """--data-mode stream with two processes: the global batch (rank 0's rows, then rank 1's) never holds
     two captions of one image, and neither rank runs dry (DDP would hang) through several passes."""
     port = _free_port()
-    config = _config(tiny_wds_cache, tmp_path / "ddp", steps=40, batch_size=4, data_mode="stream",
-                     workers=workers).to_dict()
+    config = tiny_config(tiny_wds_cache, tmp_path / "ddp", steps=40, batch_size=4, data_mode="stream",
+                         workers=workers).to_dict()
     ctx = mp.get_context("spawn")
     records = [tmp_path / f"rank{r}.pt" for r in range(2)]
     procs = [ctx.Process(target=_ddp_stream_rank, args=(r, port, config, str(records[r]))) for r in range(2)]
@@ -541,9 +529,9 @@ def test_compiled_training_logs_the_losses_of_eager(tiny_cache, tmp_path):
     """--compile (one static graph per batch size and 128-frame bucket; max_frames 128 makes it one graph,
     compiled in about 40 s on 2 cores) steps exactly like the eager model."""
     common = dict(steps=3, dropout=0.0, spec_augment=False, max_frames=128)
-    train(_config(tiny_cache, tmp_path / "compiled", compile=True, **common))
-    train(_config(tiny_cache, tmp_path / "eager", **common))
-    compiled, eager = _losses(tmp_path / "compiled"), _losses(tmp_path / "eager")
+    train(tiny_config(tiny_cache, tmp_path / "compiled", compile=True, **common))
+    train(tiny_config(tiny_cache, tmp_path / "eager", **common))
+    compiled, eager = logged_losses(tmp_path / "compiled"), logged_losses(tmp_path / "eager")
     assert sorted(compiled) == sorted(eager) == [1, 2, 3]
     assert np.allclose([compiled[s] for s in eager], [eager[s] for s in eager], rtol=1e-5, atol=0)
     assert load_checkpoint(tmp_path / "compiled" / "last.pt")["config"]["compile"] is True
@@ -554,10 +542,10 @@ def test_compile_mode_reaches_torch_compile_and_needs_compile(tiny_cache, tmp_pa
     modes = []
     monkeypatch.setattr(torch, "compile", lambda module, **kw: modes.append(kw["mode"]) or module)
     for mode, want in (("reduce-overhead", "reduce-overhead"), ("default", None)):
-        build_run(_config(tiny_cache, tmp_path, compile=True, compile_mode=mode)).source.close()
+        build_run(tiny_config(tiny_cache, tmp_path, compile=True, compile_mode=mode)).source.close()
         assert modes.pop() == want
     with pytest.raises(ValueError, match="compile_mode = 'max-autotune' needs compile = true"):
-        _config(tiny_cache, tmp_path, compile_mode="max-autotune")
+        tiny_config(tiny_cache, tmp_path, compile_mode="max-autotune")
 
 
 def test_compile_says_when_a_new_shape_compiles(tiny_cache, tmp_path, monkeypatch, capsys):
@@ -570,7 +558,7 @@ def test_compile_says_when_a_new_shape_compiles(tiny_cache, tmp_path, monkeypatc
             return module(feats, lengths)
         return forward
     monkeypatch.setattr(torch, "compile", compiled)
-    train(_config(tiny_cache, tmp_path / "run", compile=True, steps=12, max_frames=256))
+    train(tiny_config(tiny_cache, tmp_path / "run", compile=True, steps=12, max_frames=256))
     said = re.findall(r"step (\d+) compiles for batches of (\d+) x (\d+) frames", capsys.readouterr().err)
     first = {}
     for step, shape in enumerate(shapes, 1):
@@ -582,8 +570,8 @@ def test_compile_says_when_a_new_shape_compiles(tiny_cache, tmp_path, monkeypatc
 @pytest.mark.skipif(not cpu_has_native_bf16(), reason="this CPU has no native bf16")
 def test_cpu_bf16_training_learns_and_keeps_fp32_weights(tiny_cache, tmp_path):
     out = tmp_path / "run"
-    train(_config(tiny_cache, out, steps=60, cpu_bf16=True))
-    losses = _losses(out)
+    train(tiny_config(tiny_cache, out, steps=60, cpu_bf16=True))
+    losses = logged_losses(out)
     late = np.mean([losses[s] for s in range(51, 61)])
     assert late < 0.6 * math.log(8), f"mean loss of steps 51-60 {late:.2f} vs ln 8"
     state = load_checkpoint(out / "last.pt")
