@@ -34,8 +34,8 @@
 # 2026-12-04 (docs/benchmarks.md): lease (smoke tests, embed, train). Still to do, in order of need, as
 # two calls back to back (~30 + 290 + 580 s):
 #   run(command="bash benchmarks/gpu_session.sh next", carry=[".whl"], timeout_s=300)
-#   run(command="SEED_RUN_UNTIL=<left - 30> bash benchmarks/gpu_session.sh seed-run --compile
-#       --compile-mode reduce-overhead", carry=[".whl"], timeout_s=<budget_left - 10>)
+#   run(command="SEED_RUN_UNTIL=<T - 30> bash benchmarks/gpu_session.sh seed-run --compile
+#       --compile-mode reduce-overhead", carry=[".whl"], timeout_s=T), T = min(600, budget_left - 10)
 # then train-stream and extract when a lease allows.
 set -euo pipefail
 # GPU_SESSION_DEVICE=cpu runs a phase on the CPU (to check this script; no figure of it is a GPU figure).
