@@ -1,11 +1,11 @@
 """The bytes of a WebDataset part: tar members and .npy payloads, written as Python's tarfile and numpy would
 write them, byte for byte, at a fraction of their per-item cost.
 
-tarfile builds each header through a dict, a copy of the TarInfo and a PAX check of every field (about 70 us
-a member); np.save writes a fresh header per array (about 10 us). An embedding part holds two members per
-image, and embed-images must keep up with a GPU at 8,000 images/s, so the common case - a short ASCII name
-and a plain file - is stamped from a header that tarfile built once, and .npy headers are cached per
-(dtype, shape). Everything else goes through tarfile itself.
+tarfile builds each header through a dict, a copy of the TarInfo and a PAX check of every field, and
+np.save writes a fresh header per array: together most of the 107 us an embedding cost in a wds part
+(docs/benchmarks.md, store writes), when embed-images must keep up with a GPU at 8,000 images/s. So the
+common case - a short ASCII name and a plain file - is stamped from a header that tarfile built once, and
+.npy headers are cached per (dtype, shape). Everything else goes through tarfile itself.
 """
 from __future__ import annotations
 
