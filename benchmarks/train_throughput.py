@@ -115,12 +115,18 @@ def measure(cfg: TrainConfig, frames: int, steps: int, warmup: int, repeats: int
             best[f"{name}_utt_per_cpu_s"] = max(best[f"{name}_utt_per_cpu_s"], steps * batch / cpu)
     # the batches alone, as advance() makes them (the sampler moves on; nothing is trained)
     data_wall, data_cpu = timed(lambda: run.source.next(run.step).feats[0, 0, 0], steps, device)
+    profile_error = {}
     if profile_dir is not None:
-        profile_paths(paths, steps, device, profile_dir / f"train_profile_b{batch}.txt")
+        try:   # the profiler (CUPTI) must not cost the figures above
+            profile_paths(paths, steps, device, profile_dir / f"train_profile_b{batch}.txt")
+        except Exception as e:
+            profile_error = {"profile_error": f"{type(e).__name__}: {e}"}
+            print(f"batch {batch}: the profile failed: {profile_error['profile_error']}", file=sys.stderr)
     run.source.close()
     return {"batch_size": batch, **best, **warmup_s, "ratio": best["real_utt_per_s"] / best["ceiling_utt_per_s"],
             "cpu_ratio": best["real_utt_per_cpu_s"] / best["ceiling_utt_per_cpu_s"],
-            "data_us_per_step": 1e6 * data_wall / steps, "data_cpu_us_per_step": 1e6 * data_cpu / steps}
+            "data_us_per_step": 1e6 * data_wall / steps, "data_cpu_us_per_step": 1e6 * data_cpu / steps,
+            **profile_error}
 
 
 def profile_paths(paths: dict, steps: int, device: torch.device, out: Path) -> None:
