@@ -37,6 +37,7 @@ from cache.reader import StoreReader  # noqa: E402
 import pipeline.images as images_module  # noqa: E402
 from pipeline.embed import EmbedConfig, embed_images, load_teacher  # noqa: E402
 from pipeline.images import ImageFiles, _decode_jpegs, autocast, decode_on_device  # noqa: E402
+from profiling import profiled  # noqa: E402
 
 WIDTH, HEIGHT, QUALITY = 500, 375, 85    # quality 85 gives about 70 KB for these pictures
 WORDS = "a dog man woman child runs jumps on the grass beach street in red blue shirt water ball".split()
@@ -130,18 +131,13 @@ def gpu_path_parts(paths: list[Path], preprocess, device: str, batch_size: int, 
         sync(device)
         rates[f"{name}_img_per_s"] = m / (time.perf_counter() - started)
     if profile_to is not None:   # where decode_on_device's time goes, op by op, on the host and the device
-        from torch.profiler import ProfilerActivity, profile
-        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
-        with profile(activities=activities) as prof:
+        def decode_kept():
             for packed, reasons in batches[1:]:
                 decode_on_device(packed.unpack(), list(reasons), preprocess, device)
             sync(device)
-        table = prof.key_averages()
-        sort = "self_device_time_total" if device.startswith("cuda") else "self_cpu_time_total"
+        _, tables = profiled(decode_kept, device)
         profile_to.parent.mkdir(parents=True, exist_ok=True)
-        profile_to.write_text(f"decode_on_device, {len(batches) - 1} batches of {batch_size}\n"
-                              f"{table.table(sort_by='self_cpu_time_total', row_limit=25)}\n\n"
-                              f"{table.table(sort_by=sort, row_limit=25)}\n")
+        profile_to.write_text(f"decode_on_device, {len(batches) - 1} batches of {batch_size}\n{tables}\n")
     return rates
 
 

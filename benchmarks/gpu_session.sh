@@ -65,26 +65,33 @@ seed_setup() {
   fi
 }
 
+# step CAP CMD...: CMD under a cap of CAP seconds, cut to what is left of the phase's $budget (skipped under
+# 40 s), so that one hang costs only its share of a call; a failure is logged and the phase goes on
+step() {
+  local cap=$1 left=$(( budget - SECONDS )); shift
+  if (( left < 40 )); then echo "== skipped, $left s left: $*" >&2; return 0; fi
+  (( cap < left )) || cap=$left
+  echo "== $(date -u +%T) at ${SECONDS}s, cap ${cap}s: $*"
+  timeout -k 10 "$cap" "$@" || echo "== stopped or failed (rc $?): $*" >&2
+}
+
 case "$phase" in
   next)
     # The next lease's first call (timeout_s=300): the seed-run's demo set-up, the embed-images benchmark
     # (the decode-ahead thread and the cheaper store writes, unmeasured), then CUDA graphs at batch 64 with
     # more steps and a profile of both paths (its ratio was 0.86). The seed-run follows AT ONCE (30 s idle
     # release) in a call of its own with what is left: set-up done, all of it trains.
+    budget=${NEXT_SECONDS:-290}
     export PYTHONUNBUFFERED=1
     {
-      echo "== $(date -u +%T) seed-setup"
-      timeout -k 10 150 bash "$0" seed-setup || echo "== seed-setup stopped or failed (rc $?)" >&2
-      echo "== $(date -u +%T) at ${SECONDS}s: embed"
-      timeout -k 10 130 python3 benchmarks/embed_images.py --images "${NEXT_IMAGES:-20000}" --device "$device" \
+      step 150 bash "$0" seed-setup
+      step 130 python3 benchmarks/embed_images.py --images "${NEXT_IMAGES:-20000}" --device "$device" \
         --batch-size 256 --workers 16 --gpu-decode --ceiling-batches 30 --quiet --out /tmp/bench-embed \
-        --profile "$out" --json "$out/embed_images_cuda.json" || echo "== embed stopped or failed (rc $?)" >&2
-      left=$(( ${NEXT_SECONDS:-290} - SECONDS ))
-      echo "== $(date -u +%T) at ${SECONDS}s: reduce-overhead batch 64 with a profile, cap ${left}s"
-      (( left > 30 )) && { timeout -k 10 "$left" python3 benchmarks/train_throughput.py --device "$device" \
-        --cache /tmp/bench-train --utterances "${NEXT_UTTERANCES:-10240}" --compile --compile-mode reduce-overhead \
+        --profile "$out" --json "$out/embed_images_cuda.json"
+      step "$budget" python3 benchmarks/train_throughput.py --device "$device" --cache /tmp/bench-train \
+        --utterances "${NEXT_UTTERANCES:-10240}" --compile --compile-mode reduce-overhead \
         --batch-sizes "${NEXT_BATCHES:-64}" --steps "${NEXT_STEPS:-100}" --profile "$out" \
-        --json "$out/train_throughput_cuda_cudagraphs_64.json" || echo "== stopped or failed (rc $?)" >&2; }
+        --json "$out/train_throughput_cuda_cudagraphs_64.json"
       echo "== done at ${SECONDS}s"
     } 2>&1 | tee "$out/next.log" ;;
   smoke)
@@ -146,13 +153,6 @@ case "$phase" in
     big=${LEASE_BATCHES:-256,1024}   # compile default mode where REFERENCE.md has ceilings; 64 gets CUDA graphs
     steps=${LEASE_STEPS:-50} utts=${LEASE_UTTERANCES:-10240}   # one synthetic train cache for all three
     export PYTHONUNBUFFERED=1
-    step() {
-      local cap=$1 left=$(( budget - SECONDS )); shift
-      if (( left < 40 )); then echo "== skipped, $left s left: $*" >&2; return 0; fi
-      (( cap < left )) || cap=$left
-      echo "== $(date -u +%T) at ${SECONDS}s, cap ${cap}s: $*"
-      timeout -k 10 "$cap" "$@" || echo "== stopped or failed (rc $?): $*" >&2
-    }
     {
       step 120 python3 benchmarks/embed_images.py --images "$images" --device "$device" --batch-size 256 \
         --workers 16 --gpu-decode --ceiling-batches 30 --quiet --out /tmp/bench-embed \

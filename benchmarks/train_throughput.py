@@ -24,6 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cache.index import build_index  # noqa: E402
+from profiling import profiled  # noqa: E402
 from cache.manifest import AUDIO_STORE, IMAGE_STORE, TEXT_STORE, claim_section, write_records  # noqa: E402
 from cache.store import PartWriter  # noqa: E402
 from trainer.config import TrainConfig  # noqa: E402
@@ -130,20 +131,11 @@ def measure(cfg: TrainConfig, frames: int, steps: int, warmup: int, repeats: int
 
 
 def profile_paths(paths: dict, steps: int, device: torch.device, out: Path) -> None:
-    """torch.profiler over `steps` steps of each path: where the host's time goes (self CPU time per op,
-    the launch overhead that decides small batches) and, on a GPU, the device's; tables to `out`."""
-    from torch.profiler import ProfilerActivity, profile
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    """torch.profiler over `steps` steps of each path (`profiling.profiled`); the tables to `out`."""
     sections = []
     for name, step in paths.items():
-        with profile(activities=activities) as prof:
-            wall, _ = timed(step, steps, device)
-        table = prof.key_averages()
-        sections.append(f"== {name}: {steps} steps, {1e3 * wall / steps:.3f} ms a step under the profiler; "
-                        f"by self CPU time\n{table.table(sort_by='self_cpu_time_total', row_limit=30)}")
-        if device.type == "cuda":
-            sections.append(f"== {name}: by self device time\n"
-                            f"{table.table(sort_by='self_device_time_total', row_limit=20)}")
+        (wall, _), tables = profiled(lambda: timed(step, steps, device), device)
+        sections.append(f"== {name}: {steps} steps, {1e3 * wall / steps:.3f} ms a step under the profiler\n{tables}")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n\n".join(sections) + "\n")
 
