@@ -36,7 +36,7 @@ from cache.manifest import IMAGE_STORE, atomic_write_text  # noqa: E402
 from cache.reader import StoreReader  # noqa: E402
 import pipeline.images as images_module  # noqa: E402
 from pipeline.embed import EmbedConfig, embed_images, load_teacher  # noqa: E402
-from pipeline.images import ImageFiles, _decode_jpegs, autocast, decode_on_device  # noqa: E402
+from pipeline.images import ImageFiles, _decode_jpegs, autocast, decode_on_device, ImageTower  # noqa: E402
 from profiling import profiled  # noqa: E402
 
 WIDTH, HEIGHT, QUALITY = 500, 375, 85    # quality 85 gives about 70 KB for these pictures
@@ -82,15 +82,18 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def model_ceiling(model, device: str, batch_size: int, batches: int) -> float:
-    """img/s of encode_image on random [B, 3, 224, 224] tensors already on the device (after one warm-up)."""
-    x = torch.randn(batch_size, 3, 224, 224, device=device)
-    with torch.inference_mode(), autocast(device):
-        model.encode_image(x)
+def model_ceiling(teacher, device: str, batch_size: int, batches: int, cuda_graph: bool) -> float:
+    """img/s of the stage's image tower (`ImageTower`: encode_image and the normalisation, as a CUDA graph
+    where the stage records one) on random [B, 3, S, S] tensors already on the device, after one warm-up."""
+    tower = ImageTower(teacher.model, teacher.preprocess, device, batch_size, cuda_graph)
+    size = teacher.preprocess(Image.new("RGB", (64, 64))).shape
+    x = torch.randn(batch_size, *size, device=device)
+    with torch.inference_mode():
+        tower(x)
         sync(device)
         started = time.perf_counter()
         for _ in range(batches):
-            model.encode_image(x)
+            tower(x)
         sync(device)
     return batches * batch_size / (time.perf_counter() - started)
 
@@ -141,19 +144,18 @@ def gpu_path_parts(paths: list[Path], preprocess, device: str, batch_size: int, 
     return rates
 
 
-def end_to_end(manifest: Path, cache: Path, args, gpu_decode: bool) -> dict:
+def end_to_end(manifest: Path, cache: Path, args, gpu_decode: bool, cuda_graph: bool = True) -> dict:
     shutil.rmtree(cache, ignore_errors=True)
     started = time.perf_counter()
-    with main_thread_waits() as waits:
+    with stage_clocks() as clocks:
         summary = embed_images(EmbedConfig(data=manifest, cache=cache, model=args.model, pretrained=None,
                                            device=args.device, batch_size=args.batch_size,
-                                           workers=args.workers, gpu_decode=gpu_decode,
+                                           workers=args.workers, gpu_decode=gpu_decode, cuda_graph=cuda_graph,
                                            progress=not args.quiet))
     total = time.perf_counter() - started
     return {"img_per_s": summary.images_embedded / summary.seconds_images,
             "image_phase_s": summary.seconds_images, "total_s": total, "embedded": summary.images_embedded,
-            "failed": summary.images_failed,
-            **{k: round(v, 3) for k, v in waits.items() if gpu_decode or k != "wait_inputs_s"}}
+            "failed": summary.images_failed, **{k: round(v, 3) for k, v in clocks.items()}}
 
 
 def agreement(cache: Path, other: Path) -> dict:
@@ -168,22 +170,62 @@ def agreement(cache: Path, other: Path) -> dict:
     return {"images": len(ids), "min_cosine": float(cosine.min()), "median_cosine": float(np.median(cosine))}
 
 
-@contextlib.contextmanager
-def main_thread_waits():
-    """Seconds the stage's main thread spends waiting for its next batch of model inputs from the
-    --gpu-decode thread (PIL path: not counted) and for the device's embeddings (`_fetch`): what is left of
-    the image phase is its own work (queueing the image tower, writing the parts, the loop's Python).
-    Wraps the two functions of pipeline.images by name for the duration."""
-    waits = {"wait_inputs_s": 0.0, "wait_device_s": 0.0}
-    inputs, fetch = images_module._decoded_ahead, images_module._fetch
+class _Clock:
+    """Adds the wall and the calling thread's CPU seconds of a `with` block to clocks[name + "_wall_s"] and
+    clocks[name + "_cpu_s"]."""
 
-    def timed_inputs(*args, **kwargs):
-        batches = inputs(*args, **kwargs)
+    def __init__(self, clocks: dict, name: str):
+        self.clocks, self.name = clocks, name
+
+    def __enter__(self):
+        self.wall, self.cpu = time.perf_counter(), time.thread_time()
+
+    def __exit__(self, *exc):
+        for kind, now, then in (("wall", time.perf_counter(), self.wall), ("cpu", time.thread_time(), self.cpu)):
+            key = f"{self.name}_{kind}_s"
+            self.clocks[key] = self.clocks.get(key, 0.0) + now - then
+
+
+@contextlib.contextmanager
+def stage_clocks():
+    """Where the image phase's time goes, thread by thread, wall and CPU seconds:
+    main_*: the main thread over the image phase (the generator embed_image_files and the stage's use of it:
+    queueing the image tower, writing the parts); of it, wait_inputs_s waiting for the next batch from the
+    --gpu-decode thread and wait_device_s for the device's embeddings (`_fetch`). Wall minus CPU minus the two
+    waits is what the main thread spent blocked otherwise: mostly waiting for the GIL.
+    loader_*, decode_*: the --gpu-decode thread taking batches from the DataLoader and in decode_on_device.
+    Wraps functions of pipeline.images and pipeline.embed by name for the duration."""
+    import pipeline.embed as embed_module
+    clocks: dict[str, float] = {}
+    files, inputs = embed_module.embed_image_files, images_module._decoded_ahead
+    fetch, decode = images_module._fetch, images_module.decode_on_device
+
+    def timed_files(*args, **kwargs):
+        batches = iter(files(*args, **kwargs))
+        with _Clock(clocks, "main"):
+            while True:   # the clock runs while the stage writes too (its own thread's CPU seconds)
+                with _Clock(clocks, "next"):
+                    item = next(batches, None)
+                if item is None:
+                    return
+                yield item
+
+    def timed_loader(loader):
+        batches = iter(loader)
+        while True:
+            with _Clock(clocks, "loader"):
+                item = next(batches, None)
+            if item is None:
+                return
+            yield item
+
+    def timed_inputs(loader, *args, **kwargs):
+        batches = inputs(timed_loader(loader), *args, **kwargs)
         try:
             while True:
                 start = time.perf_counter()
                 item = next(batches, None)
-                waits["wait_inputs_s"] += time.perf_counter() - start
+                clocks["wait_inputs_s"] = clocks.get("wait_inputs_s", 0.0) + time.perf_counter() - start
                 if item is None:
                     return
                 yield item
@@ -195,13 +237,35 @@ def main_thread_waits():
         try:
             return fetch(*args, **kwargs)
         finally:
-            waits["wait_device_s"] += time.perf_counter() - start
+            clocks["wait_device_s"] = clocks.get("wait_device_s", 0.0) + time.perf_counter() - start
 
+    def timed_decode(*args, **kwargs):
+        with _Clock(clocks, "decode"):
+            return decode(*args, **kwargs)
+
+    embed_module.embed_image_files = timed_files
     images_module._decoded_ahead, images_module._fetch = timed_inputs, timed_fetch
+    images_module.decode_on_device = timed_decode
     try:
-        yield waits
+        yield clocks
     finally:
+        embed_module.embed_image_files = files
         images_module._decoded_ahead, images_module._fetch = inputs, fetch
+        images_module.decode_on_device = decode
+        for key in ("next_wall_s", "next_cpu_s"):   # inside main_*; its waits are the two above
+            clocks.pop(key, None)
+
+
+def clock_lines(r: dict) -> list[str]:
+    """stage_clocks' figures of one stage run, in words."""
+    if "main_wall_s" not in r:
+        return []
+    waits = [f"{k[5:-2]} {r[k]:.2f} s" for k in ("wait_inputs_s", "wait_device_s") if k in r]
+    lines = [f"main thread: {r['main_wall_s']:.2f} s, CPU {r['main_cpu_s']:.2f} s, waiting for {', '.join(waits)}"]
+    if "decode_wall_s" in r:
+        lines.append(f"decode thread: loader {r.get('loader_wall_s', 0):.2f} s (CPU {r.get('loader_cpu_s', 0):.2f}),"
+                     f" decode_on_device {r['decode_wall_s']:.2f} s (CPU {r['decode_cpu_s']:.2f})")
+    return lines
 
 
 def machine(device: str) -> str:
@@ -243,8 +307,12 @@ def main() -> None:
                "batch_size": args.batch_size, "workers": args.workers,
                "torch_threads": torch.get_num_threads(), "load_average_before": os.getloadavg()[0]}
     teacher = load_teacher(args.model, None, args.device)
-    results["ceiling_img_per_s"] = model_ceiling(teacher.model, args.device, args.batch_size,
-                                                 args.ceiling_batches)
+    graphs = args.device.startswith("cuda")   # where the stage records its image tower as a CUDA graph
+    results["ceiling_img_per_s"] = model_ceiling(teacher, args.device, args.batch_size, args.ceiling_batches,
+                                                 cuda_graph=True)
+    if graphs:   # what the tower did before, launched kernel by kernel
+        results["ceiling_eager_img_per_s"] = model_ceiling(teacher, args.device, args.batch_size,
+                                                           args.ceiling_batches, cuda_graph=False)
     naive = paths[:args.naive_images or min(args.images, 200)]
     results["naive_img_per_s"] = naive_loop(teacher.model, teacher.preprocess, naive, args.device)
     if args.gpu_decode:
@@ -262,13 +330,19 @@ def main() -> None:
             results["stage_gpu_decode"] = end_to_end(manifest, args.out / "cache-gpu-decode", args,
                                                      gpu_decode=True)
             results["agreement"] = agreement(args.out / "cache", args.out / "cache-gpu-decode")
+            if graphs:   # the same stage with the tower launched kernel by kernel: what the graph changes
+                results["stage_gpu_decode_eager"] = end_to_end(manifest, args.out / "cache-gpu-decode", args,
+                                                               gpu_decode=True, cuda_graph=False)
         except Exception as e:
             logging.exception("the --gpu-decode stage failed")
             results["stage_gpu_decode_error"] = f"{type(e).__name__}: {e}"
 
     print(f"\n{results['machine']}\n{args.images} JPEGs of {WIDTH}x{HEIGHT}, {size_kb:.0f} KB; "
           f"{args.model} random weights on {args.device}, batch {args.batch_size}, {args.workers} workers")
-    print(f"  model only (random tensors, encode_image):  {results['ceiling_img_per_s']:8.1f} img/s")
+    print(f"  model only (random tensors, encode_image):  {results['ceiling_img_per_s']:8.1f} img/s"
+          + (" (a CUDA graph a batch, as the stage)" if graphs else ""))
+    if "ceiling_eager_img_per_s" in results:
+        print(f"  model only, launched kernel by kernel:       {results['ceiling_eager_img_per_s']:8.1f} img/s")
     print(f"  naive loop (PIL + preprocess, 1 at a time):  {results['naive_img_per_s']:8.1f} img/s "
           f"({len(naive)} images)")
     if "gpu_path_parts" in results:
@@ -276,13 +350,14 @@ def main() -> None:
         print(f"  --gpu-decode's parts alone: DataLoader (raw files) {parts['loader_img_per_s']:.0f}, nvJPEG "
               f"{parts['nvjpeg_img_per_s']:.0f}, nvJPEG + resize {parts['decode_resize_img_per_s']:.0f} img/s")
     for key, name in (("stage", "embed-images, PIL in workers"),
-                      ("stage_gpu_decode", "embed-images --gpu-decode")):
+                      ("stage_gpu_decode", "embed-images --gpu-decode"),
+                      ("stage_gpu_decode_eager", "embed-images --gpu-decode --no-cuda-graph")):
         if key in results:
             r = results[key]
             print(f"  {name + ':':<44}{r['img_per_s']:8.1f} img/s (image phase {r['image_phase_s']:.1f} s, "
                   f"whole stage {r['total_s']:.1f} s with captions, keywords and indexes)")
-            waits = ", ".join(f"{k[5:-2]} {r[k]:.1f} s" for k in ("wait_inputs_s", "wait_device_s") if k in r)
-            print(f"  {'':<44}main thread waiting for: {waits}")
+            for line in clock_lines(r):
+                print(f"  {'':<44}{line}")
     if "agreement" in results:
         a = results["agreement"]
         print(f"  --gpu-decode's embeddings against the PIL path's: cosine min {a['min_cosine']:.4f}, median "

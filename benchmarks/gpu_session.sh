@@ -25,18 +25,18 @@
 #   lease     a 15-minute lease in one call (timeout_s=600): embed, train eager, tests/test_cuda.py,
 #             train --compile at 256/1024, then reduce-overhead at 64/256, each capped, in that order
 #
-#   next      the next lease's first call (timeout_s=300): seed-setup, embed, reduce-overhead at batch 64
-#             with a torch.profiler table of both paths ($out/train_profile_b64.txt)
+#   next      the next lease's first call (timeout_s=300): tests/test_cuda.py, then the embed benchmark
+#             (graphed and eager image tower, per-thread clocks, profile of decode_on_device)
 #   seed-setup  the seed-run's demo corpus and cache (~100 s), once per machine
 #
 # Budget: 15 device minutes a session since 2026-12, machine start (~30 s) and idle time included; a warm
-# machine goes back after 30 s idle, so make the next call at once or give it back. Done on an H200 on
-# 2026-12-04 (docs/benchmarks.md): lease (smoke tests, embed, train). Still to do, in order of need, as
-# two calls back to back (~30 + 290 + 580 s):
+# machine goes back after 30 s idle, so make the next call at once or give it back. Done on H200s on
+# 2026-12-04 (docs/benchmarks.md): lease (smoke tests, embed, train), then next (embed with the decode-ahead
+# thread, CUDA graphs at batch 64 with a profile) and the whole seed-run in one call (342 s of training).
+# Still to do, in order of need, back to back:
 #   run(command="bash benchmarks/gpu_session.sh next", carry=[".whl"], timeout_s=300)
-#   run(command="SEED_RUN_UNTIL=<T - 30> bash benchmarks/gpu_session.sh seed-run --compile
-#       --compile-mode reduce-overhead", carry=[".whl"], timeout_s=T), T = min(600, budget_left - 10)
-# then train-stream and extract when a lease allows.
+#   run(command="bash benchmarks/gpu_session.sh train-stream", carry=[".whl"], timeout_s=T)
+#   run(command="bash benchmarks/gpu_session.sh extract", carry=[".whl"], timeout_s=T), T = budget_left - 10
 set -euo pipefail
 # GPU_SESSION_DEVICE=cpu runs a phase on the CPU (to check this script; no figure of it is a GPU figure).
 phase=${1:?usage: gpu_session.sh next|lease|smoke|embed|train|train-stream|extract|seed-setup|seed-run}
@@ -77,21 +77,18 @@ step() {
 
 case "$phase" in
   next)
-    # The next lease's first call (timeout_s=300): the seed-run's demo set-up, the embed-images benchmark
-    # (the decode-ahead thread and the cheaper store writes, unmeasured), then CUDA graphs at batch 64 with
-    # more steps and a profile of both paths (its ratio was 0.86). The seed-run follows AT ONCE (30 s idle
-    # release) in a call of its own with what is left: set-up done, all of it trains.
+    # The next lease's first call (timeout_s=300): tests/test_cuda.py (the image tower is now a CUDA graph by
+    # default: its tests, and the GPU stage tests that now use it), then the embed-images benchmark, with the
+    # eager tower's stage and ceiling beside the graphed ones and each thread's wall and CPU seconds.
     budget=${NEXT_SECONDS:-290}
     export PYTHONUNBUFFERED=1
     {
-      step 150 bash "$0" seed-setup
-      step 130 python3 benchmarks/embed_images.py --images "${NEXT_IMAGES:-20000}" --device "$device" \
+      step 150 bash -c "CLIPSPEECH_TEST_DEVICE=$device python3 -m pytest -q -p no:cacheprovider \
+        --durations=5 tests/test_cuda.py > $out/test_cuda.txt 2>&1"
+      tail -n 3 "$out/test_cuda.txt" || true
+      step "$budget" python3 benchmarks/embed_images.py --images "${NEXT_IMAGES:-20000}" --device "$device" \
         --batch-size 256 --workers 16 --gpu-decode --ceiling-batches 30 --quiet --out /tmp/bench-embed \
         --profile "$out" --json "$out/embed_images_cuda.json"
-      step "$budget" python3 benchmarks/train_throughput.py --device "$device" --cache /tmp/bench-train \
-        --utterances "${NEXT_UTTERANCES:-10240}" --compile --compile-mode reduce-overhead \
-        --batch-sizes "${NEXT_BATCHES:-64}" --steps "${NEXT_STEPS:-100}" --profile "$out" \
-        --json "$out/train_throughput_cuda_cudagraphs_64.json"
       echo "== done at ${SECONDS}s"
     } 2>&1 | tee "$out/next.log" ;;
   smoke)

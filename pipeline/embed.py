@@ -53,6 +53,7 @@ class EmbedConfig:
     part_size: int = 2048                    # images (or captions) per part: the unit of resume and sharding
     draft: bool = True                       # decode JPEGs at reduced size when the target is small
     gpu_decode: bool = False                 # decode JPEGs in batches on `device` (nvjpeg on cuda)
+    cuda_graph: bool = True                  # on a GPU, the image tower as one CUDA graph (ImageTower)
     progress: bool = True
 
     def __post_init__(self):
@@ -337,7 +338,8 @@ def _embed_image_store(cfg, fmt, teacher: Teacher, images: list[tuple[str, str]]
     try:
         batches = embed_image_files(teacher.model, teacher.preprocess, [images[j][1] for j in jobs],
                                     device=cfg.device, batch_size=cfg.batch_size, workers=cfg.workers,
-                                    draft_size=draft, gpu_decode=cfg.gpu_decode) if jobs else []
+                                    draft_size=draft, gpu_decode=cfg.gpu_decode,
+                                    cuda_graph=cfg.cuda_graph) if jobs else []
         for embeddings, reasons in batches:
             # one row per image whose reason is "": written a run at a time (a run ends at a failure or
             # at the end of a part), failures one by one, all in item order

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from cache.manifest import IMAGE_STORE, TEXT_STORE, read_manifest
 from cache.reader import StoreReader
@@ -88,6 +89,44 @@ def test_embed_images_on_the_device_matches_the_cpu_embeddings(gpu_decode, tiny_
             _assert_near_own(got, want, 0.999, nearest=True)
         else:   # its images: median cosine of two -0.08 (the largest 0.995); nvjpeg and tensor resizing
             _assert_near_own(got, want, 0.97 if gpu_decode else 0.995)   # moved them to 0.987 on the CPU
+
+
+@pytest.mark.skipif(not BF16, reason="CUDA graphs need a CUDA device")
+def test_the_graphed_image_tower_gives_the_eager_embeddings(tiny_teacher):
+    from pipeline.embed import load_teacher
+    from pipeline.images import ImageTower
+    teacher = load_teacher(tiny_teacher, None, DEVICE)
+    graphed = ImageTower(teacher.model, teacher.preprocess, DEVICE, batch_size=8)
+    eager = ImageTower(teacher.model, teacher.preprocess, DEVICE, batch_size=8, cuda_graph=False)
+    assert graphed.graphed is not None and eager.graphed is None
+    size = teacher.preprocess(Image.new("RGB", (64, 64))).shape
+    torch.manual_seed(0)
+    with torch.inference_mode():
+        # a full batch, a short one (rows 3.. of the graph's input still hold the first batch), a full one
+        for n in (8, 3, 8):
+            x = torch.randn(n, *size, device=DEVICE)
+            got = graphed(x).cpu().numpy()   # before the next call overwrites it
+            _assert_near_own(got, eager(x).cpu().numpy(), 0.9999, nearest=True)
+        assert graphed(torch.randn(9, *size, device=DEVICE)).shape[0] == 9   # past capacity: eagerly
+
+
+@pytest.mark.skipif(not BF16, reason="CUDA graphs need a CUDA device")
+def test_a_tower_that_cannot_be_graphed_runs_eagerly_with_a_warning(caplog):
+    from torchvision import transforms
+    from pipeline.images import ImageTower
+
+    class Syncing(torch.nn.Module):   # reads a value back to the host in its forward: not recordable
+        def encode_image(self, x):
+            return x.flatten(1)[:, :4] * float(x.abs().max() > -1)
+
+    tower = ImageTower(Syncing(), transforms.Compose([transforms.Resize(4), transforms.ToTensor()]), DEVICE, 4)
+    assert tower.graphed is None
+    assert "could not be recorded as a CUDA graph" in caplog.text
+    x = torch.randn(4, 3, 4, 4, device=DEVICE)
+    with torch.inference_mode():
+        np.testing.assert_allclose(tower(x).cpu().numpy(),
+                                   torch.nn.functional.normalize(x.flatten(1)[:, :4], dim=-1).cpu().numpy(),
+                                   rtol=1e-5, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------------------------------
