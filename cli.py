@@ -149,8 +149,8 @@ def _parse_value(text: str):
                    "rate on one H200 with 16 cores.")
 @click.option("--no-draft", is_flag=True, help="Decode JPEGs at full size (draft mode decodes small targets faster).")
 @click.option("--no-cuda-graph", is_flag=True,
-              help="Run the image tower eagerly on a GPU instead of replaying it as one CUDA graph per batch (same "
-                   "embeddings; the graph saves the host hundreds of kernel launches a batch).")
+              help="Run the image and text towers eagerly on a GPU instead of replaying each as one CUDA graph per "
+                   "batch (same embeddings; a graph saves the host hundreds of kernel launches a batch).")
 def embed_images(data, cache, model, pretrained, device, batch_size, workers, keywords, prompt, shard, dtype,
                  gpu_decode, no_draft, no_cuda_graph):
     """Embed every image, written caption and keyword prompt with a frozen CLIP teacher."""

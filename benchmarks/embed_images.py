@@ -36,7 +36,8 @@ from cache.manifest import IMAGE_STORE, atomic_write_text  # noqa: E402
 from cache.reader import StoreReader  # noqa: E402
 import pipeline.images as images_module  # noqa: E402
 from pipeline.embed import EmbedConfig, embed_images, load_teacher  # noqa: E402
-from pipeline.images import ImageFiles, _decode_jpegs, autocast, decode_on_device, ImageTower  # noqa: E402
+from pipeline.images import ImageFiles, _decode_jpegs, decode_on_device  # noqa: E402
+from pipeline.towers import autocast, image_tower  # noqa: E402
 from profiling import profiled  # noqa: E402
 
 WIDTH, HEIGHT, QUALITY = 500, 375, 85    # quality 85 gives about 70 KB for these pictures
@@ -83,9 +84,9 @@ def sync(device: str) -> None:
 
 
 def model_ceiling(teacher, device: str, batch_size: int, batches: int, cuda_graph: bool) -> float:
-    """img/s of the stage's image tower (`ImageTower`: encode_image and the normalisation, as a CUDA graph
+    """img/s of the stage's image tower (`image_tower`: encode_image and the normalisation, as a CUDA graph
     where the stage records one) on random [B, 3, S, S] tensors already on the device, after one warm-up."""
-    tower = ImageTower(teacher.model, teacher.preprocess, device, batch_size, cuda_graph)
+    tower = image_tower(teacher.model, teacher.preprocess, device, batch_size, cuda_graph)
     size = teacher.preprocess(Image.new("RGB", (64, 64))).shape
     x = torch.randn(batch_size, *size, device=device)
     with torch.inference_mode():
@@ -154,7 +155,9 @@ def end_to_end(manifest: Path, cache: Path, args, gpu_decode: bool, cuda_graph: 
                                            progress=not args.quiet))
     total = time.perf_counter() - started
     return {"img_per_s": summary.images_embedded / summary.seconds_images,
-            "image_phase_s": summary.seconds_images, "total_s": total, "embedded": summary.images_embedded,
+            "image_phase_s": summary.seconds_images, "caption_phase_s": summary.seconds_captions,
+            "captions_per_s": summary.captions_embedded / summary.seconds_captions,
+            "total_s": total, "embedded": summary.images_embedded,
             "failed": summary.images_failed, **{k: round(v, 3) for k, v in clocks.items()}}
 
 
@@ -354,8 +357,9 @@ def main() -> None:
                       ("stage_gpu_decode_eager", "embed-images --gpu-decode --no-cuda-graph")):
         if key in results:
             r = results[key]
-            print(f"  {name + ':':<44}{r['img_per_s']:8.1f} img/s (image phase {r['image_phase_s']:.1f} s, "
-                  f"whole stage {r['total_s']:.1f} s with captions, keywords and indexes)")
+            print(f"  {name + ':':<44}{r['img_per_s']:8.1f} img/s (image phase {r['image_phase_s']:.1f} s; "
+                  f"captions {r['captions_per_s']:.0f}/s, {r['caption_phase_s']:.1f} s; whole stage "
+                  f"{r['total_s']:.1f} s with the teacher's loading, keywords and indexes)")
             for line in clock_lines(r):
                 print(f"  {'':<44}{line}")
     if "agreement" in results:

@@ -26,8 +26,9 @@ from cache.store import (FAILURES_DIR, FORMATS, INDEX_FILE, PartWriter, check_sh
                          shard_parts, store_settings_diff)
 from pipeline.corpus import read_corpus
 from pipeline.extract import default_workers
-from pipeline.images import autocast, embed_image_files
+from pipeline.images import embed_image_files
 from pipeline.keywords import DEFAULT_PROMPT, load_keywords
+from pipeline.towers import Tower, encode_async, text_tower, to_host
 from pipeline.versions import versions
 
 log = logging.getLogger(__name__)
@@ -53,7 +54,7 @@ class EmbedConfig:
     part_size: int = 2048                    # images (or captions) per part: the unit of resume and sharding
     draft: bool = True                       # decode JPEGs at reduced size when the target is small
     gpu_decode: bool = False                 # decode JPEGs in batches on `device` (nvjpeg on cuda)
-    cuda_graph: bool = True                  # on a GPU, the image tower as one CUDA graph (ImageTower)
+    cuda_graph: bool = True                  # on a GPU, each tower as one CUDA graph (towers.Tower)
     progress: bool = True
 
     def __post_init__(self):
@@ -86,16 +87,20 @@ class EmbedSummary:
     images_embedded: int = 0         # by this run
     images_failed: int = 0           # by this run
     parts_skipped: int = 0           # image and caption parts of this shard found complete
+    captions_embedded: int = 0       # by this run
     seconds_images: float = 0.0
+    seconds_captions: float = 0.0
     indexed: dict = field(default_factory=dict)   # store name -> whether its index covers every part
 
     def lines(self) -> list[str]:
         rate = self.images_embedded / self.seconds_images if self.seconds_images else 0.0
+        text_rate = self.captions_embedded / self.seconds_captions if self.seconds_captions else 0.0
         stores = ", ".join(f"{k} {'indexed' if v else 'waiting for other shards'}"
                            for k, v in self.indexed.items())
         return [f"images: {self.images_embedded} embedded now ({rate:.0f} img/s), {self.images_failed} "
                 f"failed, {self.images} in the corpus; {self.parts_skipped} parts already complete",
-                f"captions: {self.captions}, keywords: {self.keywords}; {stores}"]
+                f"captions: {self.captions_embedded} embedded now ({text_rate:.0f} captions/s), "
+                f"{self.captions} in the corpus; keywords: {self.keywords}; {stores}"]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -234,10 +239,13 @@ def embed_images(cfg: EmbedConfig) -> EmbedSummary:
     started = time.perf_counter()
     image_failures = _embed_image_store(cfg, fmt, teacher, list(images.items()), attrs, summary)
     summary.seconds_images = time.perf_counter() - started
-    _embed_text_store(cfg, fmt, teacher, list(captions.items()), attrs, summary)
+    started = time.perf_counter()   # recorded now that the image phase's threads are gone (see GraphedForward)
+    texts = text_tower(teacher.model, teacher.tokenizer, cfg.device, cfg.batch_size, cfg.cuda_graph)
+    _embed_text_store(cfg, fmt, teacher, texts, list(captions.items()), attrs, summary)
+    summary.seconds_captions = time.perf_counter() - started
     if cfg.shard[0] == 0:
         words = load_keywords(cfg.keywords, corpus.root)
-        _write_keyword_store(cfg, fmt, teacher, words, attrs)
+        _write_keyword_store(cfg, fmt, teacher, texts, words, attrs)
         summary.keywords = len(words)
     if image_failures is not None:
         record_stage_failures(cfg.cache, "images", image_failures)
@@ -365,19 +373,23 @@ def _embed_image_store(cfg, fmt, teacher: Teacher, images: list[tuple[str, str]]
     return recorded_failures(store, range(len(parts)))
 
 
-def _encode_texts(teacher: Teacher, texts: list[str], cfg: EmbedConfig) -> np.ndarray:
-    """Unit-norm text-tower embeddings [n, D] float32 of `texts`, tokenized by the model's own tokenizer."""
+def _encode_texts(teacher: Teacher, texts: list[str], cfg: EmbedConfig, tower: Tower) -> np.ndarray:
+    """Unit-norm text-tower embeddings [n, D] float32 of `texts`, tokenized by the model's own tokenizer
+    (`tower`: text_tower). The host tokenizes batch i+1 while the device embeds batch i."""
     out = [np.zeros((0, teacher.identity["embed_dim"]), np.float32)]
+    pending = None
     with torch.inference_mode():
         for s in range(0, len(texts), cfg.batch_size):
-            tokens = teacher.tokenizer(texts[s:s + cfg.batch_size]).to(cfg.device)
-            with autocast(cfg.device):
-                emb = teacher.model.encode_text(tokens)
-            out.append(torch.nn.functional.normalize(emb.float(), dim=-1).cpu().numpy())
+            launched = encode_async(tower, teacher.tokenizer(texts[s:s + cfg.batch_size]).to(cfg.device))
+            if pending is not None:
+                out.append(to_host(pending))
+            pending = launched
+        if pending is not None:
+            out.append(to_host(pending))
     return np.concatenate(out)
 
 
-def _embed_text_store(cfg, fmt, teacher: Teacher, captions: list[tuple[str, str]], attrs: dict,
+def _embed_text_store(cfg, fmt, teacher: Teacher, tower: Tower, captions: list[tuple[str, str]], attrs: dict,
                       summary: EmbedSummary) -> None:
     """Caption embeddings by caption id, in parts like the images (text needs no worker processes)."""
     from tqdm import tqdm
@@ -387,13 +399,14 @@ def _embed_text_store(cfg, fmt, teacher: Teacher, captions: list[tuple[str, str]
     summary.parts_skipped += skipped
     for k in tqdm(todo, unit="part", desc="embed captions", disable=not cfg.progress or len(todo) < 2):
         chunk = [captions[j] for j in parts[k]]
-        emb = _encode_texts(teacher, [text for _, text in chunk], cfg)
+        emb = _encode_texts(teacher, [text for _, text in chunk], cfg, tower)
         with PartWriter(store, k, fmt, dims=dims, dtype=cfg.dtype, attrs=attrs) as writer:
             writer.add_rows([caption_id for caption_id, _ in chunk], emb, [{"text": text} for _, text in chunk])
+        summary.captions_embedded += len(chunk)
     _finish_store(store, len(parts))
 
 
-def _write_keyword_store(cfg, fmt, teacher: Teacher, words: list[str], attrs: dict) -> None:
+def _write_keyword_store(cfg, fmt, teacher: Teacher, tower: Tower, words: list[str], attrs: dict) -> None:
     """Keyword prompts are cheap: the store is rebuilt in a new folder and swapped in whenever the words or
     the template change, so readers never see half of it."""
     store = cfg.cache / KEYWORD_STORE
@@ -403,7 +416,7 @@ def _write_keyword_store(cfg, fmt, teacher: Teacher, words: list[str], attrs: di
     if (store / INDEX_FILE[fmt]).is_file() and not settings_diff(read_store_json(store)["attrs"], attrs):
         return
     prompts = [cfg.prompt.format(w) for w in words]
-    emb = _encode_texts(teacher, prompts, cfg)
+    emb = _encode_texts(teacher, prompts, cfg, tower)
     tmp = cfg.cache / f"{KEYWORD_STORE}.tmp-{os.getpid()}"
     with PartWriter(tmp, 0, fmt, dims=emb.shape[1], dtype=cfg.dtype, attrs=attrs) as writer:
         for word, prompt, row in zip(words, prompts, emb):

@@ -4,19 +4,18 @@ from __future__ import annotations
 
 import contextlib
 import io
-import logging
 import queue
 import threading
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Iterator
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 from torchvision import transforms as T
 
-log = logging.getLogger(__name__)
+from pipeline.towers import encode_async, image_tower, to_host
 
 JPEG_START, JPEG_END = b"\xff\xd8", b"\xff\xd9"
 # JPEG colour modes that torchvision.io.decode_jpeg turns into RGB on every device; others (CMYK) go to PIL
@@ -250,98 +249,16 @@ def _decode_jpegs(data: list[torch.Tensor], device: str) -> list[torch.Tensor]:
 # Embedding
 
 
-def autocast(device: str):
-    """bf16 on a GPU (CLIP was trained in mixed precision; the normalisation after it is fp32); fp32 else.
-    No cache of cast weights: it only helps backward passes, and a CUDA graph cannot record one."""
-    if device.startswith("cuda"):
-        return torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False)
-    return torch.autocast("cpu", enabled=False)
-
-
-class GraphedForward:
-    """`forward` (a tensor [n, ...] on a CUDA device -> a tensor [n, ...]) recorded once as a CUDA graph for up
-    to `capacity` rows, then replayed: one launch per call instead of one per kernel, and no Python.
-
-    A call copies its n rows into the graph's input buffer, replays, and returns the first n rows of the
-    graph's output buffer, which the next call overwrites: queue the copy of the result (or use it) on the
-    current stream before calling again. Rows n.. still hold an earlier call's inputs, so only a forward whose
-    output rows each depend on their own input row alone may be graphed (the CLIP towers at inference: no
-    batch statistics). Build it while no other thread uses the device (graph capture forbids some calls).
-    """
-
-    def __init__(self, forward: Callable[[torch.Tensor], torch.Tensor], example: torch.Tensor, capacity: int):
-        self.forward = forward
-        dev = example.device
-        self.inputs = torch.zeros((capacity, *example.shape[1:]), dtype=example.dtype, device=dev)
-        self.inputs[:min(len(example), capacity)].copy_(example[:capacity])
-        with torch.cuda.device(dev):
-            caller = torch.cuda.current_stream(dev)
-            warm = torch.cuda.Stream(dev)
-            warm.wait_stream(caller)
-            with torch.cuda.stream(warm):   # the first runs choose kernels and allocate workspaces
-                for _ in range(2):
-                    forward(self.inputs)
-            caller.wait_stream(warm)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self.outputs = forward(self.inputs)
-
-    @property
-    def capacity(self) -> int:
-        return len(self.inputs)
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        n = len(x)
-        self.inputs[:n].copy_(x)
-        self.graph.replay()
-        return self.outputs[:n]
-
-
-class ImageTower:
-    """The model's input [n, 3, S, S] on `device` -> unit-norm embeddings [n, D] float32 on `device`.
-
-    On a GPU with `cuda_graph`, for n <= batch_size, the image tower and the normalisation run as one CUDA
-    graph (`GraphedForward`, in `graphed`): an eager ViT-B-32 forward launches a few hundred kernels, and at
-    batch 256 on an H200 the host's launching, not the device, set embed-images' model-only speed
-    (docs/benchmarks.md). The graph replays the eager forward's kernels, so the embeddings are the eager ones.
-    Where recording fails (a model that synchronises in its forward, say), a warning says so and the eager
-    forward runs instead (`graphed` is None). A graphed result is overwritten by the next call.
-    """
-
-    def __init__(self, model, preprocess, device: str, batch_size: int, cuda_graph: bool = True):
-        self.model, self.device = model, device
-        self.graphed: GraphedForward | None = None
-        if not (cuda_graph and torch.device(device).type == "cuda"):
-            return
-        example = preprocess(Image.new("RGB", (64, 64)))[None].to(device)   # the input's shape and dtype
-        try:
-            with torch.inference_mode():
-                self.graphed = GraphedForward(self.eager, example, batch_size)
-        except Exception as e:   # the eager forward is still right, only slower
-            log.warning("the image tower could not be recorded as a CUDA graph (%s: %s); it runs eagerly, "
-                        "slower, with the same embeddings", type(e).__name__, e)
-
-    def eager(self, x: torch.Tensor) -> torch.Tensor:
-        with autocast(self.device):
-            emb = self.model.encode_image(x)
-        return torch.nn.functional.normalize(emb.float(), dim=-1)
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.graphed is not None and len(x) <= self.graphed.capacity:
-            return self.graphed(x)
-        return self.eager(x)
-
-
 def embed_image_files(model, preprocess, paths: list[str], device: str = "cpu", batch_size: int = 256,
                       workers: int = 0, draft_size: int | None = None, gpu_decode: bool = False,
                       cuda_graph: bool = True) -> Iterator[tuple[np.ndarray, list[str]]]:
     """Per batch of `batch_size` paths, in order: (unit-norm image embeddings [m, D] float32 of the images
     that decoded, reasons [n]: "" or why the image failed). `workers` processes decode and preprocess (see
     ImageFiles); the device computes batch i+1 while the caller consumes batch i. On a GPU the image tower
-    runs as a CUDA graph unless `cuda_graph` is False (see ImageTower)."""
+    runs as a CUDA graph unless `cuda_graph` is False (pipeline.towers.Tower)."""
     files = ImageFiles(paths, preprocess, draft_size=draft_size, raw=gpu_decode)
     # recorded before the loop starts the decoding thread: a graph capture must have the device to itself
-    tower = ImageTower(model, preprocess, device, batch_size, cuda_graph)
+    tower = image_tower(model, preprocess, device, batch_size, cuda_graph)
     # the workers fork when the loop starts: the caller must not hold an HDF5 file open then. JPEG bytes are
     # not pinned: nvJPEG reads them on the host and copies them itself
     loader = torch.utils.data.DataLoader(
@@ -355,7 +272,7 @@ def embed_image_files(model, preprocess, paths: list[str], device: str = "cpu", 
     pending = None
     with torch.inference_mode():
         for x, reasons in batches:
-            launched = (_encode_async(tower, x), reasons)
+            launched = (encode_async(tower, x), reasons)
             if pending is not None:
                 yield _fetch(*pending)
             pending = launched
@@ -415,25 +332,6 @@ def _decoded_ahead(loader, preprocess, device: str, ahead: int = 2) -> Iterator[
         thread.join()
 
 
-def _encode_async(tower, x: torch.Tensor | None):
-    """Queues the image tower (ImageTower) and the copy of its unit-norm output to host memory: (host
-    tensor, event). The copy is queued before the next batch's tower, which may overwrite the output."""
-    if x is None or len(x) == 0:
-        return None
-    emb = tower(x)
-    if not emb.is_cuda:
-        return emb, None
-    host = torch.empty(emb.shape, dtype=emb.dtype, pin_memory=True)
-    host.copy_(emb, non_blocking=True)
-    ready = torch.cuda.Event()
-    ready.record(torch.cuda.current_stream(emb.device))   # the copy's stream, on whichever GPU
-    return host, ready
-
-
 def _fetch(encoded, reasons: list[str]) -> tuple[np.ndarray, list[str]]:
-    if encoded is None:   # no image of the batch decoded
-        return np.zeros((0, 0), np.float32), reasons
-    host, ready = encoded
-    if ready is not None:
-        ready.synchronize()
-    return host.numpy(), reasons
+    """A batch's embeddings once on the host, with its reasons (a function of its own: the benchmark times it)."""
+    return to_host(encoded), reasons

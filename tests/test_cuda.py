@@ -92,36 +92,49 @@ def test_embed_images_on_the_device_matches_the_cpu_embeddings(gpu_decode, tiny_
 
 
 @pytest.mark.skipif(not BF16, reason="CUDA graphs need a CUDA device")
-def test_the_graphed_image_tower_gives_the_eager_embeddings(tiny_teacher):
+@pytest.mark.parametrize("kind", ["image", "text"])
+def test_a_graphed_tower_gives_the_eager_embeddings(kind, tiny_teacher):
     from pipeline.embed import load_teacher
-    from pipeline.images import ImageTower
+    from pipeline.towers import image_tower, text_tower
     teacher = load_teacher(tiny_teacher, None, DEVICE)
-    graphed = ImageTower(teacher.model, teacher.preprocess, DEVICE, batch_size=8)
-    eager = ImageTower(teacher.model, teacher.preprocess, DEVICE, batch_size=8, cuda_graph=False)
-    assert graphed.graphed is not None and eager.graphed is None
+    words = "a dog runs on the beach with a red ball in its mouth".split()
     size = teacher.preprocess(Image.new("RGB", (64, 64))).shape
+
+    def make(**kw):
+        if kind == "image":
+            return image_tower(teacher.model, teacher.preprocess, DEVICE, batch_size=8, **kw)
+        return text_tower(teacher.model, teacher.tokenizer, DEVICE, batch_size=8, **kw)
+
+    def batch(n):
+        if kind == "image":
+            return torch.randn(n, *size, device=DEVICE)
+        rng = np.random.default_rng(n)
+        return teacher.tokenizer([" ".join(rng.permutation(words)[:5 + i]) for i in range(n)]).to(DEVICE)
+
+    graphed, eager = make(), make(cuda_graph=False)
+    assert graphed.graphed is not None and eager.graphed is None
     torch.manual_seed(0)
     with torch.inference_mode():
         # a full batch, a short one (rows 3.. of the graph's input still hold the first batch), a full one
         for n in (8, 3, 8):
-            x = torch.randn(n, *size, device=DEVICE)
+            x = batch(n)
             got = graphed(x).cpu().numpy()   # before the next call overwrites it
             _assert_near_own(got, eager(x).cpu().numpy(), 0.9999, nearest=True)
-        assert graphed(torch.randn(9, *size, device=DEVICE)).shape[0] == 9   # past capacity: eagerly
+        assert graphed(batch(9)).shape[0] == 9   # past capacity: eagerly
 
 
 @pytest.mark.skipif(not BF16, reason="CUDA graphs need a CUDA device")
 def test_a_tower_that_cannot_be_graphed_runs_eagerly_with_a_warning(caplog):
     from torchvision import transforms
-    from pipeline.images import ImageTower
+    from pipeline.towers import image_tower
 
     class Syncing(torch.nn.Module):   # reads a value back to the host in its forward: not recordable
         def encode_image(self, x):
             return x.flatten(1)[:, :4] * float(x.abs().max() > -1)
 
-    tower = ImageTower(Syncing(), transforms.Compose([transforms.Resize(4), transforms.ToTensor()]), DEVICE, 4)
+    tower = image_tower(Syncing(), transforms.Compose([transforms.Resize(4), transforms.ToTensor()]), DEVICE, 4)
     assert tower.graphed is None
-    assert "could not be recorded as a CUDA graph" in caplog.text
+    assert "image tower could not be recorded as a CUDA graph" in caplog.text
     x = torch.randn(4, 3, 4, 4, device=DEVICE)
     with torch.inference_mode():
         np.testing.assert_allclose(tower(x).cpu().numpy(),

@@ -164,6 +164,8 @@ def test_demo_teacher_embeddings_equal_open_clip(corpus, teacher, tmp_path, fmt,
     assert clip["format"] == fmt
     assert reader.attrs["clip"] == clip
     assert summary.images_embedded == len(images) and all(summary.indexed.values())
+    assert summary.captions_embedded == len(captions) and f"captions: {len(captions)} embedded now" in \
+        "\n".join(summary.lines())
     assert read_failures(cache) == []
 
 
@@ -391,7 +393,7 @@ def test_resume_after_a_crash_and_shards(corpus, teacher, tmp_path, monkeypatch)
     # a rerun skips every complete part and rewrites nothing; another prompt rewrites the keywords only
     stamps = {p: p.stat().st_mtime_ns for p in sharded.rglob("part-*")}
     summary = run(corpus, sharded, teacher, part_size=2)
-    assert summary.images_embedded == 0 and summary.parts_skipped == 3 + 15
+    assert summary.images_embedded == 0 and summary.captions_embedded == 0 and summary.parts_skipped == 3 + 15
     assert {p: p.stat().st_mtime_ns for p in sharded.rglob("part-*")} == stamps
     run(corpus, sharded, teacher, part_size=2, prompt="a {} thing")
     assert {p: p.stat().st_mtime_ns for p in sharded.rglob("part-*") if KEYWORD_STORE not in str(p)} == \
