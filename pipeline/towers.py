@@ -29,7 +29,7 @@ class GraphedForward:
     graph's output buffer, which the next call overwrites: queue the copy of the result (or use it) on the
     current stream before calling again. Rows n.. still hold an earlier call's inputs, so only a forward whose
     output rows each depend on their own input row alone may be graphed (the CLIP towers at inference: no
-    batch statistics). Build it while no other thread uses the device (graph capture forbids some calls).
+    batch statistics).
     """
 
     def __init__(self, forward: Callable[[torch.Tensor], torch.Tensor], example: torch.Tensor, capacity: int):
@@ -46,7 +46,9 @@ class GraphedForward:
                     forward(self.inputs)
             caller.wait_stream(warm)
             self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
+            # "thread_local": what another thread does on the device meanwhile (a DataLoader's pinning
+            # thread, a caller's own work) does not spoil the recording; this thread's forward must not sync
+            with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
                 self.outputs = forward(self.inputs)
 
     @property
