@@ -21,6 +21,7 @@ import os
 import platform
 import shutil
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -194,24 +195,29 @@ def stage_clocks():
     """Where the image phase's time goes, thread by thread, wall and CPU seconds:
     main_*: the main thread over the image phase (the generator embed_image_files and the stage's use of it:
     queueing the image tower, writing the parts); of it, wait_inputs_s waiting for the next batch from the
-    --gpu-decode thread and wait_device_s for the device's embeddings (`_fetch`). Wall minus CPU minus the two
+    --gpu-decode thread and wait_device_s for the device's embeddings (`to_host`). Wall minus CPU minus the two
     waits is what the main thread spent blocked otherwise: mostly waiting for the GIL.
     loader_*, decode_*: the --gpu-decode thread taking batches from the DataLoader and in decode_on_device.
-    Wraps functions of pipeline.images and pipeline.embed by name for the duration."""
+    Wraps functions of pipeline.images, .towers and .embed by name for the duration."""
     import pipeline.embed as embed_module
+    import pipeline.towers as towers_module
     clocks: dict[str, float] = {}
     files, inputs = embed_module.embed_image_files, images_module._decoded_ahead
-    fetch, decode = images_module._fetch, images_module.decode_on_device
+    fetch, decode = towers_module.to_host, images_module.decode_on_device
+    images_phase = threading.Event()   # the caption phase fetches its embeddings through to_host too
 
     def timed_files(*args, **kwargs):
         batches = iter(files(*args, **kwargs))
-        with _Clock(clocks, "main"):
-            while True:   # the clock runs while the stage writes too (its own thread's CPU seconds)
-                with _Clock(clocks, "next"):
+        images_phase.set()
+        try:
+            with _Clock(clocks, "main"):
+                while True:   # the clock runs while the stage writes too (its own thread's CPU seconds)
                     item = next(batches, None)
-                if item is None:
-                    return
-                yield item
+                    if item is None:
+                        return
+                    yield item
+        finally:
+            images_phase.clear()
 
     def timed_loader(loader):
         batches = iter(loader)
@@ -240,23 +246,20 @@ def stage_clocks():
         try:
             return fetch(*args, **kwargs)
         finally:
-            clocks["wait_device_s"] = clocks.get("wait_device_s", 0.0) + time.perf_counter() - start
+            if images_phase.is_set():
+                clocks["wait_device_s"] = clocks.get("wait_device_s", 0.0) + time.perf_counter() - start
 
     def timed_decode(*args, **kwargs):
         with _Clock(clocks, "decode"):
             return decode(*args, **kwargs)
 
-    embed_module.embed_image_files = timed_files
-    images_module._decoded_ahead, images_module._fetch = timed_inputs, timed_fetch
-    images_module.decode_on_device = timed_decode
+    embed_module.embed_image_files, towers_module.to_host = timed_files, timed_fetch
+    images_module._decoded_ahead, images_module.decode_on_device = timed_inputs, timed_decode
     try:
         yield clocks
     finally:
-        embed_module.embed_image_files = files
-        images_module._decoded_ahead, images_module._fetch = inputs, fetch
-        images_module.decode_on_device = decode
-        for key in ("next_wall_s", "next_cpu_s"):   # inside main_*; its waits are the two above
-            clocks.pop(key, None)
+        embed_module.embed_image_files, towers_module.to_host = files, fetch
+        images_module._decoded_ahead, images_module.decode_on_device = inputs, decode
 
 
 def clock_lines(r: dict) -> list[str]:

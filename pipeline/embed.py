@@ -28,7 +28,7 @@ from pipeline.corpus import read_corpus
 from pipeline.extract import default_workers
 from pipeline.images import embed_image_files
 from pipeline.keywords import DEFAULT_PROMPT, load_keywords
-from pipeline.towers import Tower, encode_async, text_tower, to_host
+from pipeline.towers import Tower, pipelined, text_tower
 from pipeline.versions import versions
 
 log = logging.getLogger(__name__)
@@ -235,6 +235,8 @@ def embed_images(cfg: EmbedConfig) -> EmbedSummary:
         images.setdefault(u.image_id, u.image_path)
         captions.setdefault(u.caption_id, u.caption)
     summary = EmbedSummary(images=len(images), captions=len(captions))
+    # read now: a bad --keywords file must not wait for the images to fail
+    words = load_keywords(cfg.keywords, corpus.root) if cfg.shard[0] == 0 else []
 
     started = time.perf_counter()
     image_failures = _embed_image_store(cfg, fmt, teacher, list(images.items()), attrs, summary)
@@ -244,7 +246,6 @@ def embed_images(cfg: EmbedConfig) -> EmbedSummary:
     _embed_text_store(cfg, fmt, teacher, texts, list(captions.items()), attrs, summary)
     summary.seconds_captions = time.perf_counter() - started
     if cfg.shard[0] == 0:
-        words = load_keywords(cfg.keywords, corpus.root)
         _write_keyword_store(cfg, fmt, teacher, texts, words, attrs)
         summary.keywords = len(words)
     if image_failures is not None:
@@ -373,36 +374,56 @@ def _embed_image_store(cfg, fmt, teacher: Teacher, images: list[tuple[str, str]]
     return recorded_failures(store, range(len(parts)))
 
 
-def _encode_texts(teacher: Teacher, texts: list[str], cfg: EmbedConfig, tower: Tower) -> np.ndarray:
-    """Unit-norm text-tower embeddings [n, D] float32 of `texts`, tokenized by the model's own tokenizer
-    (`tower`: text_tower). The host tokenizes batch i+1 while the device embeds batch i."""
-    out = [np.zeros((0, teacher.identity["embed_dim"]), np.float32)]
-    pending = None
-    with torch.inference_mode():
-        for s in range(0, len(texts), cfg.batch_size):
-            launched = encode_async(tower, teacher.tokenizer(texts[s:s + cfg.batch_size]).to(cfg.device))
-            if pending is not None:
-                out.append(to_host(pending))
-            pending = launched
-        if pending is not None:
-            out.append(to_host(pending))
-    return np.concatenate(out)
+class TokenBatches(torch.utils.data.Dataset):
+    """Item i: batch i of `texts` as the model's token ids [n, context], with its tag. Tokenized in DataLoader
+    workers: open_clip's tokenizer is Python, about 50 us a caption, and SpokenCOCO has 600,000 captions."""
+
+    def __init__(self, tokenizer, batches: list[tuple[list[str], object]]):
+        self.tokenizer, self.batches = tokenizer, batches
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, object]:
+        texts, tag = self.batches[i]
+        return self.tokenizer(texts), tag
+
+
+def _embedded_texts(teacher: Teacher, tower: Tower, batches: list[tuple[list[str], object]], cfg: EmbedConfig,
+                    workers: int = 0):
+    """(unit-norm embeddings [n, D] float32 on the host, tag) of each (texts, tag) batch, in order: tokenized
+    in `workers` processes (here if fewer than 2: one process hands the batches over at about what tokenizing
+    them costs), embedded by `tower` (text_tower) on the device meanwhile."""
+    workers = min(workers, len(batches)) if workers >= 2 else 0
+    loader = torch.utils.data.DataLoader(
+        TokenBatches(teacher.tokenizer, batches), batch_size=None, num_workers=workers,
+        pin_memory=cfg.device.startswith("cuda"), prefetch_factor=4 if workers else None)
+    return pipelined(tower, ((tokens.to(cfg.device, non_blocking=True), tag) for tokens, tag in loader))
 
 
 def _embed_text_store(cfg, fmt, teacher: Teacher, tower: Tower, captions: list[tuple[str, str]], attrs: dict,
                       summary: EmbedSummary) -> None:
-    """Caption embeddings by caption id, in parts like the images (text needs no worker processes)."""
+    """Caption embeddings by caption id, in parts like the images; all missing parts' batches go through one
+    DataLoader (tokenizing in cfg.workers processes), and each part is written once its last batch is back."""
     from tqdm import tqdm
     store = cfg.cache / TEXT_STORE
     dims = teacher.identity["embed_dim"]
     parts, todo, attrs, skipped = _plan(cfg, fmt, store, [key for key, _ in captions], attrs, dims)
     summary.parts_skipped += skipped
-    for k in tqdm(todo, unit="part", desc="embed captions", disable=not cfg.progress or len(todo) < 2):
-        chunk = [captions[j] for j in parts[k]]
-        emb = _encode_texts(teacher, [text for _, text in chunk], cfg, tower)
-        with PartWriter(store, k, fmt, dims=dims, dtype=cfg.dtype, attrs=attrs) as writer:
-            writer.add_rows([caption_id for caption_id, _ in chunk], emb, [{"text": text} for _, text in chunk])
-        summary.captions_embedded += len(chunk)
+    batches = [([captions[j][1] for j in rows], (k, rows.stop)) for k in todo   # plain tags: pinning keeps them
+               for rows in (parts[k][s:s + cfg.batch_size] for s in range(0, len(parts[k]), cfg.batch_size))]
+    done: dict[int, list[np.ndarray]] = {}
+    with tqdm(total=sum(len(parts[k]) for k in todo), unit="caption", desc="embed captions",
+              disable=not cfg.progress or not todo) as bar:
+        for emb, (k, stop) in _embedded_texts(teacher, tower, batches, cfg, cfg.workers):
+            done.setdefault(k, []).append(emb)
+            bar.update(len(emb))
+            if stop == parts[k].stop:
+                chunk = [captions[j] for j in parts[k]]
+                with PartWriter(store, k, fmt, dims=dims, dtype=cfg.dtype, attrs=attrs) as writer:
+                    writer.add_rows([caption_id for caption_id, _ in chunk], np.concatenate(done.pop(k)),
+                                    [{"text": text} for _, text in chunk])
+                summary.captions_embedded += len(chunk)
     _finish_store(store, len(parts))
 
 
@@ -416,7 +437,8 @@ def _write_keyword_store(cfg, fmt, teacher: Teacher, tower: Tower, words: list[s
     if (store / INDEX_FILE[fmt]).is_file() and not settings_diff(read_store_json(store)["attrs"], attrs):
         return
     prompts = [cfg.prompt.format(w) for w in words]
-    emb = _encode_texts(teacher, prompts, cfg, tower)
+    batches = [(prompts[s:s + cfg.batch_size], None) for s in range(0, len(prompts), cfg.batch_size)]
+    emb = np.concatenate([e for e, _ in _embedded_texts(teacher, tower, batches, cfg)])
     tmp = cfg.cache / f"{KEYWORD_STORE}.tmp-{os.getpid()}"
     with PartWriter(tmp, 0, fmt, dims=emb.shape[1], dtype=cfg.dtype, attrs=attrs) as writer:
         for word, prompt, row in zip(words, prompts, emb):

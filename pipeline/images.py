@@ -15,7 +15,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torchvision import transforms as T
 
-from pipeline.towers import encode_async, image_tower, to_host
+from pipeline.towers import image_tower, pipelined
 
 JPEG_START, JPEG_END = b"\xff\xd8", b"\xff\xd9"
 # JPEG colour modes that torchvision.io.decode_jpeg turns into RGB on every device; others (CMYK) go to PIL
@@ -269,15 +269,7 @@ def embed_image_files(model, preprocess, paths: list[str], device: str = "cpu", 
     else:
         batches = ((files.model_input(pixels, device) if pixels is not None else None, reasons)
                    for pixels, reasons in loader)
-    pending = None
-    with torch.inference_mode():
-        for x, reasons in batches:
-            launched = (encode_async(tower, x), reasons)
-            if pending is not None:
-                yield _fetch(*pending)
-            pending = launched
-        if pending is not None:
-            yield _fetch(*pending)
+    yield from pipelined(tower, batches)
 
 
 def _decoded_ahead(loader, preprocess, device: str, ahead: int = 2) -> Iterator[tuple[torch.Tensor, list[str]]]:
@@ -330,8 +322,3 @@ def _decoded_ahead(loader, preprocess, device: str, ahead: int = 2) -> Iterator[
             except queue.Empty:
                 pass
         thread.join()
-
-
-def _fetch(encoded, reasons: list[str]) -> tuple[np.ndarray, list[str]]:
-    """A batch's embeddings once on the host, with its reasons (a function of its own: the benchmark times it)."""
-    return to_host(encoded), reasons

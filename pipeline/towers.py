@@ -4,7 +4,7 @@ asynchronously, so that the host prepares batch i+1 while the device computes ba
 from __future__ import annotations
 
 import logging
-from typing import Callable
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -137,3 +137,18 @@ def to_host(encoded) -> np.ndarray:
     if ready is not None:
         ready.synchronize()
     return host.numpy()
+
+
+def pipelined(tower: Tower, items: Iterable[tuple[torch.Tensor | None, Any]]) -> Iterator[tuple[np.ndarray, Any]]:
+    """(inputs [n, ...] on the device or None, tag) -> (embeddings [n, D] on the host, tag), in order. Batch
+    i+1's tower is queued before batch i's result is awaited, so the device computes while the host takes
+    the next batch (and whatever the caller does with the previous one)."""
+    pending = None
+    with torch.inference_mode():
+        for x, tag in items:
+            launched = (encode_async(tower, x), tag)
+            if pending is not None:
+                yield to_host(pending[0]), pending[1]
+            pending = launched
+        if pending is not None:
+            yield to_host(pending[0]), pending[1]

@@ -128,10 +128,11 @@ def assert_near_own(got, want, fraction):
 # Equality with open_clip
 
 
-@pytest.mark.parametrize("fmt, workers", [("hdf5", 0), ("wds", 2)])
-def test_demo_teacher_embeddings_equal_open_clip(corpus, teacher, tmp_path, fmt, workers):
+@pytest.mark.parametrize("fmt, workers, sizes", [("hdf5", 0, {}), ("wds", 2, {"batch_size": 4, "part_size": 6})])
+def test_demo_teacher_embeddings_equal_open_clip(corpus, teacher, tmp_path, fmt, workers, sizes):
+    # wds: captions tokenized in 2 processes, parts of 6 in batches of 4 and 2 (a part ends mid-batch-run)
     cache = tmp_path / "cache"
-    summary = run(corpus, cache, teacher, fmt=fmt, workers=workers, draft=False)
+    summary = run(corpus, cache, teacher, fmt=fmt, workers=workers, draft=False, **sizes)
     images, captions = corpus_items(corpus)
     words = (corpus / "keywords.txt").read_text().split()
 
