@@ -439,3 +439,8 @@ def test_command_line(corpus, teacher, tmp_path):
     result = CliRunner().invoke(main, args + ["--model", "ViT-S-32-alt", "--pretrained",
                                               "missing/weights.pt"])
     assert result.exit_code == 1 and "missing/weights.pt: no such checkpoint file" in result.output
+    # a missing keyword file is named before any image is embedded (the images could take hours)
+    fresh = ["embed-images", "--data", str(corpus), "--cache", str(tmp_path / "fresh"), "--workers", "0"]
+    result = CliRunner().invoke(main, fresh + ["--model", teacher, "--keywords", str(tmp_path / "words.txt")])
+    assert result.exit_code == 1 and "words.txt: keyword file not found" in result.output
+    assert not list((tmp_path / "fresh").rglob("part-*"))
