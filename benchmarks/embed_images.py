@@ -88,6 +88,8 @@ def model_ceiling(teacher, device: str, batch_size: int, batches: int, cuda_grap
     """img/s of the stage's image tower (`image_tower`: encode_image and the normalisation, as a CUDA graph
     where the stage records one) on random [B, 3, S, S] tensors already on the device, after one warm-up."""
     tower = image_tower(teacher.model, teacher.preprocess, device, batch_size, cuda_graph)
+    if cuda_graph and device.startswith("cuda") and tower.graphed is None:
+        raise RuntimeError("the image tower could not be recorded as a CUDA graph (see the warning above)")
     size = teacher.preprocess(Image.new("RGB", (64, 64))).shape
     x = torch.randn(batch_size, *size, device=device)
     with torch.inference_mode():
@@ -262,6 +264,16 @@ def stage_clocks():
         images_module._decoded_ahead, images_module.decode_on_device = inputs, decode
 
 
+def recorded(results: dict, name: str, work) -> None:
+    """Runs work(); a failure (a GPU-only bug, say) is logged and recorded as results[name + "_error"] instead
+    of costing the figures measured before and after it, which are written regardless (exit 1 at the end)."""
+    try:
+        work()
+    except Exception as e:
+        logging.exception("%s failed", name)
+        results[f"{name}_error"] = f"{type(e).__name__}: {e}"
+
+
 def clock_lines(r: dict) -> list[str]:
     """stage_clocks' figures of one stage run, in words."""
     if "main_wall_s" not in r:
@@ -321,27 +333,24 @@ def main() -> None:
                                                            args.ceiling_batches, cuda_graph=False)
     naive = paths[:args.naive_images or min(args.images, 200)]
     results["naive_img_per_s"] = naive_loop(teacher.model, teacher.preprocess, naive, args.device)
+    preprocess = teacher.preprocess
     if args.gpu_decode:
-        try:
+        def parts():
             results["gpu_path_parts"] = gpu_path_parts(
-                paths, teacher.preprocess, args.device, args.batch_size, args.workers,
+                paths, preprocess, args.device, args.batch_size, args.workers,
                 profile_to=args.profile / "embed_profile_decode.txt" if args.profile else None)
-        except Exception as e:   # as the --gpu-decode stage below: recorded, the rest still measured
-            logging.exception("the --gpu-decode parts failed")
-            results["gpu_path_parts_error"] = f"{type(e).__name__}: {e}"
+        recorded(results, "gpu_path_parts", parts)
     del teacher
     results["stage"] = end_to_end(manifest, args.out / "cache", args, gpu_decode=False)
     if args.gpu_decode:
-        try:   # a failure here (a GPU-only bug) must not cost the figures above: they are written regardless
+        def stages():
             results["stage_gpu_decode"] = end_to_end(manifest, args.out / "cache-gpu-decode", args,
                                                      gpu_decode=True)
             results["agreement"] = agreement(args.out / "cache", args.out / "cache-gpu-decode")
             if graphs:   # the same stage with the tower launched kernel by kernel: what the graph changes
                 results["stage_gpu_decode_eager"] = end_to_end(manifest, args.out / "cache-gpu-decode", args,
                                                                gpu_decode=True, cuda_graph=False)
-        except Exception as e:
-            logging.exception("the --gpu-decode stage failed")
-            results["stage_gpu_decode_error"] = f"{type(e).__name__}: {e}"
+        recorded(results, "stage_gpu_decode", stages)
 
     print(f"\n{results['machine']}\n{args.images} JPEGs of {WIDTH}x{HEIGHT}, {size_kb:.0f} KB; "
           f"{args.model} random weights on {args.device}, batch {args.batch_size}, {args.workers} workers")
