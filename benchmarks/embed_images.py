@@ -264,14 +264,16 @@ def stage_clocks():
         images_module._decoded_ahead, images_module.decode_on_device = inputs, decode
 
 
-def recorded(results: dict, name: str, work) -> None:
-    """Runs work(); a failure (a GPU-only bug, say) is logged and recorded as results[name + "_error"] instead
-    of costing the figures measured before and after it, which are written regardless (exit 1 at the end)."""
+def recorded(results: dict, name: str, work, *args):
+    """work(*args), or None where it fails (a GPU-only bug, say): then the failure is logged and recorded as
+    results[name + "_error"] instead of costing the figures measured before and after it, which are written
+    regardless (exit 1 at the end)."""
     try:
-        work()
+        return work(*args)
     except Exception as e:
         logging.exception("%s failed", name)
         results[f"{name}_error"] = f"{type(e).__name__}: {e}"
+        return None
 
 
 def clock_lines(r: dict) -> list[str]:
@@ -326,20 +328,21 @@ def main() -> None:
                "torch_threads": torch.get_num_threads(), "load_average_before": os.getloadavg()[0]}
     teacher = load_teacher(args.model, None, args.device)
     graphs = args.device.startswith("cuda")   # where the stage records its image tower as a CUDA graph
-    results["ceiling_img_per_s"] = model_ceiling(teacher, args.device, args.batch_size, args.ceiling_batches,
-                                                 cuda_graph=True)
+    rate = recorded(results, "ceiling", model_ceiling, teacher, args.device, args.batch_size,
+                    args.ceiling_batches, True)
+    if rate is not None:
+        results["ceiling_img_per_s"] = rate
     if graphs:   # what the tower did before, launched kernel by kernel
         results["ceiling_eager_img_per_s"] = model_ceiling(teacher, args.device, args.batch_size,
                                                            args.ceiling_batches, cuda_graph=False)
     naive = paths[:args.naive_images or min(args.images, 200)]
     results["naive_img_per_s"] = naive_loop(teacher.model, teacher.preprocess, naive, args.device)
-    preprocess = teacher.preprocess
     if args.gpu_decode:
-        def parts():
-            results["gpu_path_parts"] = gpu_path_parts(
-                paths, preprocess, args.device, args.batch_size, args.workers,
-                profile_to=args.profile / "embed_profile_decode.txt" if args.profile else None)
-        recorded(results, "gpu_path_parts", parts)
+        parts = recorded(results, "gpu_path_parts", gpu_path_parts, paths, teacher.preprocess, args.device,
+                         args.batch_size, args.workers, 8,
+                         args.profile / "embed_profile_decode.txt" if args.profile else None)
+        if parts is not None:
+            results["gpu_path_parts"] = parts
     del teacher
     results["stage"] = end_to_end(manifest, args.out / "cache", args, gpu_decode=False)
     if args.gpu_decode:
@@ -354,8 +357,9 @@ def main() -> None:
 
     print(f"\n{results['machine']}\n{args.images} JPEGs of {WIDTH}x{HEIGHT}, {size_kb:.0f} KB; "
           f"{args.model} random weights on {args.device}, batch {args.batch_size}, {args.workers} workers")
-    print(f"  model only (random tensors, encode_image):  {results['ceiling_img_per_s']:8.1f} img/s"
-          + (" (a CUDA graph a batch, as the stage)" if graphs else ""))
+    if "ceiling_img_per_s" in results:
+        print(f"  model only (random tensors, encode_image):  {results['ceiling_img_per_s']:8.1f} img/s"
+              + (" (a CUDA graph a batch, as the stage)" if graphs else ""))
     if "ceiling_eager_img_per_s" in results:
         print(f"  model only, launched kernel by kernel:       {results['ceiling_eager_img_per_s']:8.1f} img/s")
     print(f"  naive loop (PIL + preprocess, 1 at a time):  {results['naive_img_per_s']:8.1f} img/s "
