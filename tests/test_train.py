@@ -235,6 +235,20 @@ def test_features_go_to_the_device_in_chunks(tiny_cache, monkeypatch):
             assert torch.equal(got, torch.from_numpy(store.get(utt_id))), utt_id
 
 
+def test_a_batch_holds_each_utterance_zero_padded_and_cut_at_max_frames(tiny_cache):
+    data = load_split(tiny_cache, "train")
+    with StoreReader(tiny_cache / "audio") as store:
+        own = [torch.from_numpy(store.get(u)).float() for u in data.utt_ids]
+    idx = torch.tensor([5, 0, 17, 3, 3])
+    for max_frames, frames in ((2048, None), (60, None), (60, 64), (2048, 400)):
+        feats, lengths = data.batch(idx, max_frames, frames)
+        cut = [own[i][:max_frames] for i in idx.tolist()]
+        assert lengths.tolist() == [len(x) for x in cut]
+        assert feats.dtype == torch.float32 and feats.shape == (5, frames or max(map(len, cut)), data.dims)
+        for row, x in zip(feats, cut):
+            assert torch.equal(row[:len(x)], x) and not row[len(x):].any()
+
+
 def test_stream_mode_needs_a_webdataset_cache(tiny_cache, tmp_path):
     with pytest.raises(ValueError, match="--format wds"):
         train(tiny_config(tiny_cache, tmp_path / "run", steps=2, data_mode="stream"))

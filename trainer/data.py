@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import functools
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +36,7 @@ class SplitData:
     image_ids: list[str]          # [M] unique images of the split
     images: torch.Tensor          # [M, E] float32, L2-normalised CLIP image embeddings
     texts: torch.Tensor           # [N, E] float32 caption embedding of each utterance
+    _spans: dict = field(default_factory=dict, repr=False, compare=False)   # max_frames -> [N, 2]
 
     def __len__(self) -> int:
         return len(self.utt_ids)
@@ -56,13 +57,20 @@ class SplitData:
         longest clamped length, which costs a GPU sync.
         """
         idx = idx.to(self.offsets.device)
-        lengths = self.lengths[idx].clamp(max=max_frames)
+        span = self.spans(max_frames)[idx]   # one gather for both: each is a kernel launch on a GPU
+        starts, lengths = span[:, 0], span[:, 1]
         steps = torch.arange(int(lengths.max()) if frames is None else frames, device=idx.device)
         valid = steps[None, :] < lengths[:, None]
-        zero = torch.zeros((), dtype=torch.long, device=idx.device)
-        rows = (self.offsets[idx][:, None] + steps[None, :]).where(valid, zero)
+        rows = (starts[:, None] + steps[None, :]).where(valid, 0)
         feats = self.features[rows].float() * valid[..., None]
         return feats, lengths
+
+    def spans(self, max_frames: int) -> torch.Tensor:
+        """[N, 2] int64: each utterance's first row in `features` and its frames clamped to max_frames (made
+        once per max_frames)."""
+        if max_frames not in self._spans:
+            self._spans[max_frames] = torch.stack([self.offsets[:-1], self.lengths.clamp(max=max_frames)], dim=1)
+        return self._spans[max_frames]
 
 
 def _embedding_rows(reader: StoreReader, keys: list[str]) -> np.ndarray:
