@@ -241,7 +241,7 @@ def embed_images(cfg: EmbedConfig) -> EmbedSummary:
     started = time.perf_counter()
     image_failures = _embed_image_store(cfg, fmt, teacher, list(images.items()), attrs, summary)
     summary.seconds_images = time.perf_counter() - started
-    started = time.perf_counter()   # recorded now that the image phase's threads are gone (see GraphedForward)
+    started = time.perf_counter()   # the text tower's graph is recorded here: no decode thread is left to race it
     texts = text_tower(teacher.model, teacher.tokenizer, cfg.device, cfg.batch_size, cfg.cuda_graph)
     _embed_text_store(cfg, fmt, teacher, texts, list(captions.items()), attrs, summary)
     summary.seconds_captions = time.perf_counter() - started
