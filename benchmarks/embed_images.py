@@ -37,7 +37,7 @@ from cache.manifest import IMAGE_STORE, atomic_write_text  # noqa: E402
 from cache.reader import StoreReader  # noqa: E402
 import pipeline.images as images_module  # noqa: E402
 from pipeline.embed import EmbedConfig, embed_images, load_teacher  # noqa: E402
-from pipeline.images import ImageFiles, _decode_jpegs, decode_on_device  # noqa: E402
+from pipeline.images import ImageFiles, PackedItems, _decode_jpegs, decode_on_device  # noqa: E402
 from pipeline.towers import autocast, image_tower  # noqa: E402
 from profiling import profiled  # noqa: E402
 
@@ -117,7 +117,8 @@ def gpu_path_parts(paths: list[Path], preprocess, device: str, batch_size: int, 
                    kept: int = 8, profile_to: Path | None = None) -> dict:
     """img/s of each part of the --gpu-decode path alone: the DataLoader handing over raw batches (files
     read in workers, nothing decoded), nvJPEG's batched decode of batches already in memory, and that decode
-    with the resize, crop and normalisation of decode_on_device (after one warm-up batch each)."""
+    with the resize, crop and normalisation of decode_on_device; on a GPU also nvJPEG on the same bytes in
+    page-locked memory (the stage's are pageable). After one warm-up batch each, best of two rounds."""
     files = ImageFiles([str(p) for p in paths], preprocess, raw=True)
     loader = torch.utils.data.DataLoader(files, batch_size=batch_size, num_workers=workers,
                                          collate_fn=files.collate, prefetch_factor=4 if workers else None)
@@ -127,16 +128,26 @@ def gpu_path_parts(paths: list[Path], preprocess, device: str, batch_size: int, 
         if len(batches) <= kept:
             batches.append((packed, reasons))
     rates = {"loader_img_per_s": n / (time.perf_counter() - started)}
-    for name, work in (("nvjpeg", lambda items, reasons: _decode_jpegs(items, device)),
-                       ("decode_resize", lambda items, reasons: decode_on_device(items, reasons, preprocess,
-                                                                                 device))):
-        work(batches[0][0].unpack(), list(batches[0][1]))
-        sync(device)
-        started, m = time.perf_counter(), 0
-        for packed, reasons in batches[1:]:
-            m += len(work(packed.unpack(), list(reasons)))
-        sync(device)
-        rates[f"{name}_img_per_s"] = m / (time.perf_counter() - started)
+
+    def nvjpeg(items, reasons):
+        return _decode_jpegs(items, device)
+
+    parts = [("nvjpeg", nvjpeg, batches),
+             ("decode_resize", lambda items, reasons: decode_on_device(items, reasons, preprocess, device),
+              batches)]
+    if device.startswith("cuda"):   # the same bytes in page-locked memory: are nvJPEG's copies of them cheaper?
+        pinned = [(PackedItems(p.data.pin_memory(), p.sizes, p.decoded), reasons) for p, reasons in batches]
+        parts.append(("nvjpeg_pinned", nvjpeg, pinned))
+    for _ in range(2):   # rounds alternate between the parts, so that none has the machine warmer alone
+        for name, work, kept_batches in parts:
+            work(kept_batches[0][0].unpack(), list(kept_batches[0][1]))
+            sync(device)
+            started, m = time.perf_counter(), 0
+            for packed, reasons in kept_batches[1:]:
+                m += len(work(packed.unpack(), list(reasons)))
+            sync(device)
+            rate = m / (time.perf_counter() - started)
+            rates[f"{name}_img_per_s"] = max(rate, rates.get(f"{name}_img_per_s", 0.0))
     if profile_to is not None:   # where decode_on_device's time goes, op by op, on the host and the device
         def decode_kept():
             for packed, reasons in batches[1:]:
@@ -148,12 +159,13 @@ def gpu_path_parts(paths: list[Path], preprocess, device: str, batch_size: int, 
     return rates
 
 
-def end_to_end(manifest: Path, cache: Path, args, gpu_decode: bool, cuda_graph: bool = True) -> dict:
+def end_to_end(manifest: Path, cache: Path, args, gpu_decode: bool, cuda_graph: bool = True,
+               batch_size: int | None = None) -> dict:
     shutil.rmtree(cache, ignore_errors=True)
     started = time.perf_counter()
     with stage_clocks() as clocks:
         summary = embed_images(EmbedConfig(data=manifest, cache=cache, model=args.model, pretrained=None,
-                                           device=args.device, batch_size=args.batch_size,
+                                           device=args.device, batch_size=batch_size or args.batch_size,
                                            workers=args.workers, gpu_decode=gpu_decode, cuda_graph=cuda_graph,
                                            progress=not args.quiet))
     total = time.perf_counter() - started
@@ -307,6 +319,8 @@ def main() -> None:
     parser.add_argument("--naive-images", type=int, default=None,
                         help="images for the naive loop [min(--images, 200)]")
     parser.add_argument("--ceiling-batches", type=int, default=3, help="timed batches for the ceiling [3]")
+    parser.add_argument("--also-batch-sizes", default="", metavar="B,B,..",
+                        help="with --gpu-decode: that stage again at each of these batch sizes, last []")
     parser.add_argument("--out", type=Path, default=Path("bench-embed"),
                         help="JPEGs and caches [bench-embed]")
     parser.add_argument("--json", type=Path, default=None, help="write the figures here")
@@ -315,8 +329,13 @@ def main() -> None:
                         help="with --gpu-decode: a torch.profiler table of decode_on_device in DIR")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    if min(args.images, args.batch_size, args.ceiling_batches) < 1 or args.workers < 0:
-        parser.error("--images, --batch-size, --ceiling-batches must be >= 1 and --workers >= 0")
+    try:
+        also = [int(b) for b in args.also_batch_sizes.split(",") if b.strip()]
+    except ValueError:
+        parser.error(f"--also-batch-sizes {args.also_batch_sizes!r}: give batch sizes like 512,1024")
+    if min(args.images, args.batch_size, args.ceiling_batches, *also) < 1 or args.workers < 0:
+        parser.error("--images, --batch-size, --ceiling-batches, --also-batch-sizes must be >= 1 and "
+                     "--workers >= 0")
     manifest = make_corpus(args.out, args.images, args.workers)
     paths = sorted((manifest.parent / "images").glob("*.jpg"))
     size_kb = np.mean([p.stat().st_size for p in paths[:200]]) / 1000
@@ -354,6 +373,11 @@ def main() -> None:
                 results["stage_gpu_decode_eager"] = end_to_end(manifest, args.out / "cache-gpu-decode", args,
                                                                gpu_decode=True, cuda_graph=False)
         recorded(results, "stage_gpu_decode", stages)
+        for b in also:   # fewer, larger batches: what the per-batch costs of both threads are worth
+            r = recorded(results, f"stage_gpu_decode_batch_{b}", end_to_end, manifest,
+                         args.out / "cache-gpu-decode", args, True, True, b)
+            if r is not None:
+                results[f"stage_gpu_decode_batch_{b}"] = r
 
     print(f"\n{results['machine']}\n{args.images} JPEGs of {WIDTH}x{HEIGHT}, {size_kb:.0f} KB; "
           f"{args.model} random weights on {args.device}, batch {args.batch_size}, {args.workers} workers")
@@ -367,10 +391,14 @@ def main() -> None:
     if "gpu_path_parts" in results:
         parts = results["gpu_path_parts"]
         print(f"  --gpu-decode's parts alone: DataLoader (raw files) {parts['loader_img_per_s']:.0f}, nvJPEG "
-              f"{parts['nvjpeg_img_per_s']:.0f}, nvJPEG + resize {parts['decode_resize_img_per_s']:.0f} img/s")
+              f"{parts['nvjpeg_img_per_s']:.0f}, nvJPEG + resize {parts['decode_resize_img_per_s']:.0f} img/s"
+              + (f"; nvJPEG from pinned memory {parts['nvjpeg_pinned_img_per_s']:.0f} img/s"
+                 if "nvjpeg_pinned_img_per_s" in parts else ""))
     for key, name in (("stage", "embed-images, PIL in workers"),
                       ("stage_gpu_decode", "embed-images --gpu-decode"),
-                      ("stage_gpu_decode_eager", "embed-images --gpu-decode --no-cuda-graph")):
+                      ("stage_gpu_decode_eager", "embed-images --gpu-decode --no-cuda-graph"),
+                      *((f"stage_gpu_decode_batch_{b}", f"embed-images --gpu-decode --batch-size {b}")
+                        for b in also)):
         if key in results:
             r = results[key]
             print(f"  {name + ':':<44}{r['img_per_s']:8.1f} img/s (image phase {r['image_phase_s']:.1f} s; "

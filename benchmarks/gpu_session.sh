@@ -26,7 +26,8 @@
 #             train --compile at 256/1024, then reduce-overhead at 64/256, each capped, in that order
 #
 #   next      the next lease's first call (timeout_s=300): tests/test_cuda.py, then the embed benchmark
-#             (graphed and eager image tower, per-thread clocks, profile of decode_on_device)
+#             (graphed and eager image tower, per-thread clocks, profile of decode_on_device, nvJPEG from
+#             pinned memory, the --gpu-decode stage at batch 512 too)
 #   seed-setup  the seed-run's demo corpus and cache (~100 s), once per machine
 #
 # Budget: 15 device minutes a session since 2026-12, machine start (~30 s) and idle time included; a warm
@@ -79,7 +80,8 @@ case "$phase" in
   next)
     # The next lease's first call (timeout_s=300): tests/test_cuda.py (the image tower is now a CUDA graph by
     # default: its tests, and the GPU stage tests that now use it), then the embed-images benchmark, with the
-    # eager tower's stage and ceiling beside the graphed ones and each thread's wall and CPU seconds.
+    # eager tower's stage and ceiling beside the graphed ones and each thread's wall and CPU seconds, nvJPEG
+    # from pageable and from pinned memory, and the --gpu-decode stage again at batch 512.
     budget=${NEXT_SECONDS:-290}
     export PYTHONUNBUFFERED=1
     {
@@ -88,7 +90,7 @@ case "$phase" in
       tail -n 3 "$out/test_cuda.txt" || true
       step "$budget" python3 benchmarks/embed_images.py --images "${NEXT_IMAGES:-20000}" --device "$device" \
         --batch-size 256 --workers 16 --gpu-decode --ceiling-batches 30 --quiet --out /tmp/bench-embed \
-        --profile "$out" --json "$out/embed_images_cuda.json"
+        --profile "$out" --also-batch-sizes "${NEXT_ALSO:-512}" --json "$out/embed_images_cuda.json"
       echo "== done at ${SECONDS}s"
     } 2>&1 | tee "$out/next.log" ;;
   smoke)
