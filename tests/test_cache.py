@@ -1,10 +1,12 @@
 """Feature-cache stores (both formats) read back by our reader, webdataset and h5py; manifest and records."""
+import contextlib
 import io
 import json
 import multiprocessing
 import os
 import pathlib
 import pickle
+import re
 import subprocess
 import sys
 import tarfile
@@ -139,6 +141,52 @@ def test_webdataset_reads_every_sample_of_wds_parts(tmp_path):
     for key, array in seen.items():
         assert array.dtype == np.float16 and np.array_equal(array, items[key].astype(np.float16))
     assert json.loads((store / "store.json").read_text())["format"] == "wds"
+
+
+def test_wds_index_offsets_point_at_each_items_bytes_and_meta(tmp_path):
+    """A wds store's index is read from the parts' tar blocks directly, and by tarfile for parts with PAX
+    records (non-ASCII keys): both ways agree, and each offset points at the item's own bytes."""
+    from cache import index
+
+    store = tmp_path / "audio"
+    items = make_items(3)
+    write_store(store, "wds", items)
+    parts, by_blocks = completed_parts(store), 0
+    for path in parts.values():
+        ids, cols = index._scan_tar(path, DIMS, np.dtype(np.float16))
+        want_ids, want = index._scan_tar_tarfile(path, DIMS, np.dtype(np.float16))
+        assert ids == want_ids and cols.keys() == want.keys()
+        assert all(np.array_equal(cols[k], want[k]) for k in want)
+        with contextlib.suppress(index._LeftToTarfile):
+            index._scan_tar_blocks(path, DIMS, np.dtype(np.float16))
+            by_blocks += 1
+        raw = path.read_bytes()
+        for key, frames, data, meta, size in zip(ids, cols["lengths"], cols["data_offset"], cols["json_offset"],
+                                                 cols["json_size"]):
+            assert raw[data:data + frames * DIMS * 2] == items[key].astype(np.float16).tobytes()
+            assert json.loads(raw[meta:meta + size])["id"] == key
+    assert 0 < by_blocks < len(parts)   # both ways were taken
+
+
+@pytest.mark.parametrize("damage", ["cut", "header checksum", "npy shape", "empty"])
+def test_a_damaged_wds_part_is_named_and_no_index_is_written(tmp_path, damage):
+    store = tmp_path / "audio"
+    write_store(store, "wds", {f"utt{i}": np.ones((5, DIMS), np.float32) for i in range(4)}, n_parts=1,
+                empty_part=False)
+    path = part_path(store, 0, "wds")
+    raw = bytearray(path.read_bytes())
+    if damage == "cut":
+        raw = raw[:len(raw) // 2 + 100]
+    elif damage == "header checksum":
+        raw[2] ^= 1   # in the first member's name
+    elif damage == "npy shape":   # the header claims a frame more than the member holds
+        raw = raw.replace(b"'shape': (5, 7)", b"'shape': (6, 7)", 1)
+    else:
+        raw = b""
+    path.write_bytes(raw)
+    with pytest.raises(ValueError, match=re.escape(f"{path} is not a valid part")):
+        build_index(store)
+    assert not (store / "index.json").exists()
 
 
 def test_h5py_reads_hdf5_part(tmp_path):
