@@ -276,6 +276,22 @@ def stage_clocks():
         images_module._decoded_ahead, images_module.decode_on_device = inputs, decode
 
 
+class Figures(dict):
+    """The run's figures; each one set rewrites the JSON file (when there is one), so that a run cut off at
+    its time limit (a device call) keeps what it measured."""
+
+    def __init__(self, path: Path | None, figures: dict):
+        super().__init__()
+        self.path = path
+        for key, value in figures.items():
+            self[key] = value
+
+    def __setitem__(self, key, value) -> None:
+        super().__setitem__(key, value)
+        if self.path is not None:
+            atomic_write_text(self.path, json.dumps(self, indent=2) + "\n")
+
+
 def recorded(results: dict, name: str, work, *args):
     """work(*args), or None where it fails (a GPU-only bug, say): then the failure is logged and recorded as
     results[name + "_error"] instead of costing the figures measured before and after it, which are written
@@ -340,11 +356,11 @@ def main() -> None:
     paths = sorted((manifest.parent / "images").glob("*.jpg"))
     size_kb = np.mean([p.stat().st_size for p in paths[:200]]) / 1000
 
-    results = {"date": datetime.date.today().isoformat(), "machine": machine(args.device),
-               "command": " ".join(sys.argv), "images": args.images, "mean_jpeg_kb": round(size_kb, 1),
-               "model": f"{args.model} (random weights)", "device": args.device,
-               "batch_size": args.batch_size, "workers": args.workers,
-               "torch_threads": torch.get_num_threads(), "load_average_before": os.getloadavg()[0]}
+    results = Figures(args.json, {
+        "date": datetime.date.today().isoformat(), "machine": machine(args.device), "command": " ".join(sys.argv),
+        "images": args.images, "mean_jpeg_kb": round(size_kb, 1), "model": f"{args.model} (random weights)",
+        "device": args.device, "batch_size": args.batch_size, "workers": args.workers,
+        "torch_threads": torch.get_num_threads(), "load_average_before": os.getloadavg()[0]})
     teacher = load_teacher(args.model, None, args.device)
     graphs = args.device.startswith("cuda")   # where the stage records its image tower as a CUDA graph
     rate = recorded(results, "ceiling", model_ceiling, teacher, args.device, args.batch_size,
@@ -354,6 +370,26 @@ def main() -> None:
     if graphs:   # what the tower did before, launched kernel by kernel
         results["ceiling_eager_img_per_s"] = model_ceiling(teacher, args.device, args.batch_size,
                                                            args.ceiling_batches, cuda_graph=False)
+    del teacher   # the stages load their own
+    # the stages first, the figures that matter most: a run cut off at its time limit keeps them
+    results["stage"] = end_to_end(manifest, args.out / "cache", args, gpu_decode=False)
+    if args.gpu_decode:
+        def stages():
+            results["stage_gpu_decode"] = end_to_end(manifest, args.out / "cache-gpu-decode", args,
+                                                     gpu_decode=True)
+            results["agreement"] = agreement(args.out / "cache", args.out / "cache-gpu-decode")
+        recorded(results, "stage_gpu_decode", stages)
+        for b in also:   # fewer, larger batches: what the per-batch costs of both threads are worth
+            r = recorded(results, f"stage_gpu_decode_batch_{b}", end_to_end, manifest,
+                         args.out / "cache-gpu-decode", args, True, True, b)
+            if r is not None:
+                results[f"stage_gpu_decode_batch_{b}"] = r
+        if graphs:   # the same stage with the tower launched kernel by kernel: what the graph changes
+            r = recorded(results, "stage_gpu_decode_eager", end_to_end, manifest, args.out / "cache-gpu-decode",
+                         args, True, False)
+            if r is not None:
+                results["stage_gpu_decode_eager"] = r
+    teacher = load_teacher(args.model, None, args.device)
     naive = paths[:args.naive_images or min(args.images, 200)]
     results["naive_img_per_s"] = naive_loop(teacher.model, teacher.preprocess, naive, args.device)
     if args.gpu_decode:
@@ -363,21 +399,6 @@ def main() -> None:
         if parts is not None:
             results["gpu_path_parts"] = parts
     del teacher
-    results["stage"] = end_to_end(manifest, args.out / "cache", args, gpu_decode=False)
-    if args.gpu_decode:
-        def stages():
-            results["stage_gpu_decode"] = end_to_end(manifest, args.out / "cache-gpu-decode", args,
-                                                     gpu_decode=True)
-            results["agreement"] = agreement(args.out / "cache", args.out / "cache-gpu-decode")
-            if graphs:   # the same stage with the tower launched kernel by kernel: what the graph changes
-                results["stage_gpu_decode_eager"] = end_to_end(manifest, args.out / "cache-gpu-decode", args,
-                                                               gpu_decode=True, cuda_graph=False)
-        recorded(results, "stage_gpu_decode", stages)
-        for b in also:   # fewer, larger batches: what the per-batch costs of both threads are worth
-            r = recorded(results, f"stage_gpu_decode_batch_{b}", end_to_end, manifest,
-                         args.out / "cache-gpu-decode", args, True, True, b)
-            if r is not None:
-                results[f"stage_gpu_decode_batch_{b}"] = r
 
     print(f"\n{results['machine']}\n{args.images} JPEGs of {WIDTH}x{HEIGHT}, {size_kb:.0f} KB; "
           f"{args.model} random weights on {args.device}, batch {args.batch_size}, {args.workers} workers")
@@ -410,11 +431,9 @@ def main() -> None:
         a = results["agreement"]
         print(f"  --gpu-decode's embeddings against the PIL path's: cosine min {a['min_cosine']:.4f}, median "
               f"{a['median_cosine']:.4f} over {a['images']} images")
-    results["load_average_after"] = os.getloadavg()[0]
+    results["load_average_after"] = os.getloadavg()[0]   # and the JSON file is complete
     print(f"  load average (1 min) before / after: {results['load_average_before']:.1f} / "
           f"{results['load_average_after']:.1f} (other processes share the cores when it exceeds them)")
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
     errors = [k for k in results if k.endswith("_error")]
     if errors:
         sys.exit(f"failed: {', '.join(errors)} (the other figures were measured and written)")

@@ -25,9 +25,11 @@
 #   lease     a 15-minute lease in one call (timeout_s=600): embed, train eager, tests/test_cuda.py,
 #             train --compile at 256/1024, then reduce-overhead at 64/256, each capped, in that order
 #
-#   next      the next lease's first call (timeout_s=300): tests/test_cuda.py, then the embed benchmark
+#   next      the next lease's first call (timeout_s=420): tests/test_cuda.py, then the embed benchmark
 #             (graphed and eager image tower, per-thread clocks, profile of decode_on_device, nvJPEG from
-#             pinned memory, the --gpu-decode stage at batch 512 too)
+#             pinned memory, the --gpu-decode stage at batch 512 too; its JSON is rewritten after each
+#             figure, so a cut-off run keeps what it measured). Checked on the CPU (70 s):
+#             GPU_SESSION_DEVICE=cpu NEXT_IMAGES=64 NEXT_BATCH=16 NEXT_CEILING=1 NEXT_NAIVE=4 NEXT_ALSO=32
 #   seed-setup  the seed-run's demo corpus and cache (~100 s), once per machine
 #
 # Budget: 15 device minutes a session since 2026-12, machine start (~30 s) and idle time included; a warm
@@ -35,7 +37,7 @@
 # 2026-12-04 (docs/benchmarks.md): lease (smoke tests, embed, train), then next (embed with the decode-ahead
 # thread, CUDA graphs at batch 64 with a profile) and the whole seed-run in one call (342 s of training).
 # Still to do, in order of need, back to back:
-#   run(command="bash benchmarks/gpu_session.sh next", carry=[".whl"], timeout_s=300)
+#   run(command="bash benchmarks/gpu_session.sh next", carry=[".whl"], timeout_s=420)
 #   run(command="bash benchmarks/gpu_session.sh train-stream", carry=[".whl"], timeout_s=T)
 #   run(command="bash benchmarks/gpu_session.sh extract", carry=[".whl"], timeout_s=T), T = budget_left - 10
 set -euo pipefail
@@ -78,18 +80,19 @@ step() {
 
 case "$phase" in
   next)
-    # The next lease's first call (timeout_s=300): tests/test_cuda.py (the image tower is now a CUDA graph by
+    # The next lease's first call (timeout_s=420): tests/test_cuda.py (the image tower is now a CUDA graph by
     # default: its tests, and the GPU stage tests that now use it), then the embed-images benchmark, with the
     # eager tower's stage and ceiling beside the graphed ones and each thread's wall and CPU seconds, nvJPEG
     # from pageable and from pinned memory, and the --gpu-decode stage again at batch 512.
-    budget=${NEXT_SECONDS:-290}
+    budget=${NEXT_SECONDS:-400}
     export PYTHONUNBUFFERED=1
     {
       step 150 bash -c "CLIPSPEECH_TEST_DEVICE=$device python3 -m pytest -q -p no:cacheprovider \
         --durations=5 tests/test_cuda.py > $out/test_cuda.txt 2>&1"
       tail -n 3 "$out/test_cuda.txt" || true
       step "$budget" python3 benchmarks/embed_images.py --images "${NEXT_IMAGES:-20000}" --device "$device" \
-        --batch-size 256 --workers 16 --gpu-decode --ceiling-batches 30 --quiet --out /tmp/bench-embed \
+        --batch-size "${NEXT_BATCH:-256}" --workers 16 --gpu-decode --ceiling-batches "${NEXT_CEILING:-30}" \
+        --naive-images "${NEXT_NAIVE:-200}" --quiet --out /tmp/bench-embed \
         --profile "$out" --also-batch-sizes "${NEXT_ALSO:-512}" --json "$out/embed_images_cuda.json"
       echo "== done at ${SECONDS}s"
     } 2>&1 | tee "$out/next.log" ;;
