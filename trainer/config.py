@@ -142,7 +142,7 @@ def _encoder(name: str) -> dict:
 
 PRESETS: dict[str, dict] = {
     "seed": _encoder("seed"),
-    "demo": {**_encoder("demo"), "lr": 2e-3, "warmup": 100, "steps": 400, "batch_size": 64, "grad_clip": 1.0,
+    "demo": {**_encoder("demo"), "lr": 2e-3, "warmup": 150, "steps": 400, "batch_size": 64, "grad_clip": 1.0,
              "targets": "image+text", "cpu_bf16": True, "eval_every": 100, "save_every": 400, "log_every": 20,
              "threads": 2},
 }
