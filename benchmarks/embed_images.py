@@ -292,16 +292,19 @@ class Figures(dict):
             atomic_write_text(self.path, json.dumps(self, indent=2) + "\n")
 
 
-def recorded(results: dict, name: str, work, *args):
-    """work(*args), or None where it fails (a GPU-only bug, say): then the failure is logged and recorded as
-    results[name + "_error"] instead of costing the figures measured before and after it, which are written
-    regardless (exit 1 at the end)."""
+def recorded(results: dict, name: str, work, *args, key: str | None = None):
+    """work(*args), stored as results[key] (when key is given and it returned something), or None where it
+    fails (a GPU-only bug, say): then the failure is logged and recorded as results[name + "_error"] instead
+    of costing the figures measured before and after it, which are written regardless (exit 1 at the end)."""
     try:
-        return work(*args)
+        value = work(*args)
     except Exception as e:
         logging.exception("%s failed", name)
         results[f"{name}_error"] = f"{type(e).__name__}: {e}"
         return None
+    if key is not None and value is not None:
+        results[key] = value
+    return value
 
 
 def clock_lines(r: dict) -> list[str]:
@@ -363,10 +366,8 @@ def main() -> None:
         "torch_threads": torch.get_num_threads(), "load_average_before": os.getloadavg()[0]})
     teacher = load_teacher(args.model, None, args.device)
     graphs = args.device.startswith("cuda")   # where the stage records its image tower as a CUDA graph
-    rate = recorded(results, "ceiling", model_ceiling, teacher, args.device, args.batch_size,
-                    args.ceiling_batches, True)
-    if rate is not None:
-        results["ceiling_img_per_s"] = rate
+    recorded(results, "ceiling", model_ceiling, teacher, args.device, args.batch_size, args.ceiling_batches,
+             True, key="ceiling_img_per_s")
     if graphs:   # what the tower did before, launched kernel by kernel
         results["ceiling_eager_img_per_s"] = model_ceiling(teacher, args.device, args.batch_size,
                                                            args.ceiling_batches, cuda_graph=False)
@@ -380,24 +381,19 @@ def main() -> None:
             results["agreement"] = agreement(args.out / "cache", args.out / "cache-gpu-decode")
         recorded(results, "stage_gpu_decode", stages)
         for b in also:   # fewer, larger batches: what the per-batch costs of both threads are worth
-            r = recorded(results, f"stage_gpu_decode_batch_{b}", end_to_end, manifest,
-                         args.out / "cache-gpu-decode", args, True, True, b)
-            if r is not None:
-                results[f"stage_gpu_decode_batch_{b}"] = r
+            name = f"stage_gpu_decode_batch_{b}"
+            recorded(results, name, end_to_end, manifest, args.out / "cache-gpu-decode", args, True, True, b,
+                     key=name)
         if graphs:   # the same stage with the tower launched kernel by kernel: what the graph changes
-            r = recorded(results, "stage_gpu_decode_eager", end_to_end, manifest, args.out / "cache-gpu-decode",
-                         args, True, False)
-            if r is not None:
-                results["stage_gpu_decode_eager"] = r
+            recorded(results, "stage_gpu_decode_eager", end_to_end, manifest, args.out / "cache-gpu-decode",
+                     args, True, False, key="stage_gpu_decode_eager")
     teacher = load_teacher(args.model, None, args.device)
     naive = paths[:args.naive_images or min(args.images, 200)]
     results["naive_img_per_s"] = naive_loop(teacher.model, teacher.preprocess, naive, args.device)
     if args.gpu_decode:
-        parts = recorded(results, "gpu_path_parts", gpu_path_parts, paths, teacher.preprocess, args.device,
-                         args.batch_size, args.workers, 8,
-                         args.profile / "embed_profile_decode.txt" if args.profile else None)
-        if parts is not None:
-            results["gpu_path_parts"] = parts
+        recorded(results, "gpu_path_parts", gpu_path_parts, paths, teacher.preprocess, args.device,
+                 args.batch_size, args.workers, 8, args.profile / "embed_profile_decode.txt" if args.profile else None,
+                 key="gpu_path_parts")
     del teacher
 
     print(f"\n{results['machine']}\n{args.images} JPEGs of {WIDTH}x{HEIGHT}, {size_kb:.0f} KB; "
