@@ -48,6 +48,8 @@ def main(verbose: bool) -> None:
     """clipspeech: train speech encoders in the embedding space of a frozen CLIP model.
 
     \b
+    Check a corpus first:
+      info           what a corpus holds and what is wrong with it (missing files, duplicates)
     The expensive work happens once, in stages that write a feature cache:
       make-demo      write the built-in synthetic demo corpus and fit its CLIP teacher
       extract-audio  corpus audio -> MFCCs (or filterbanks) in CACHE/audio
@@ -135,7 +137,8 @@ def _parse_value(text: str):
               help="Weights for a named model: an open_clip tag (openai, laion2b_s34b_b79k) where it is cached, a "
                    "local checkpoint path, or none (random weights, for testing). Ignored for local-dir:/hf-hub:.")
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Images (and captions) per forward pass of the teacher.")
 @click.option("--workers", type=click.IntRange(min=0), default=None,
               help="Image decoding processes [default: all cores].")
 @click.option("--keywords", type=click.Path(path_type=Path, dir_okay=False), default=None,
@@ -256,7 +259,8 @@ def train(toml, preset, **options):
 @click.option("--cache", required=True, type=click.Path(path_type=Path, file_okay=False), help="Cache folder.")
 @click.option("--checkpoint", required=True, type=click.Path(path_type=Path, dir_okay=False),
               help="RUN_DIR/best.pt or last.pt.")
-@click.option("--split", type=click.Choice(["test", "dev", "train"]), default="test", show_default=True)
+@click.option("--split", type=click.Choice(["test", "dev", "train"]), default="test", show_default=True,
+              help="The corpus split to score.")
 @click.option("--json", "json_out", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="Write the figures as JSON here.")
 @click.option("--html", type=click.Path(path_type=Path, dir_okay=False), default=None,
@@ -266,7 +270,7 @@ def train(toml, preset, **options):
 @click.option("--keywords", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="Evaluate only these cached keywords (one per line).")
 @click.option("--prompt", default=None, help="Check that the cached keyword prompts used this template.")
-@click.option("--device", default="cpu", show_default=True)
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
 def evaluate(cache, checkpoint, split, json_out, html, save_embeddings, keywords, prompt, device):
     """Six-way retrieval (R@1/5/10) and keyword spotting (mAP, P@10, P@N, EER) on a split."""
     from trainer.evaluate import EvalConfig, evaluate as run, format_table
@@ -324,7 +328,8 @@ def _make_demo(out, images, seed, workers, teacher_steps, overwrite) -> dict:
 @click.option("--out", default=Path("demo"), show_default=True, type=click.Path(path_type=Path, file_okay=False),
               help="Holds corpus/, cache/, run/, eval.json and report.html; a rerun reuses what is done.")
 @click.option("--images", type=click.IntRange(min=12), default=600, show_default=True, help="Demo corpus size.")
-@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Seed of the demo corpus and its teacher; the student trains with the demo preset's seed.")
 @click.option("--workers", type=click.IntRange(min=1), default=None, help="Processes [default: all cores].")
 @click.option("--steps", type=click.IntRange(min=1), default=None, help="Student training steps [demo preset].")
 @click.option("--teacher-steps", type=click.IntRange(min=1), default=None,
