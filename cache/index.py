@@ -73,10 +73,13 @@ def _invalid_part(path: pathlib.Path, why: str) -> ValueError:
 
 
 def _scan_hdf5(path: pathlib.Path, dims: int, dtype: np.dtype) -> tuple[list[str], dict[str, np.ndarray]]:
-    with h5py.File(path, "r") as f:
-        shape, stored = f["features"].shape, f["features"].dtype
-        offsets = f["offsets"][:]
-        ids = [b.decode("utf-8") for b in f["ids"][:].tolist()]
+    try:
+        with h5py.File(path, "r") as f:
+            shape, stored = f["features"].shape, f["features"].dtype
+            offsets = f["offsets"][:]
+            ids = [b.decode("utf-8") for b in f["ids"][:].tolist()]
+    except (OSError, KeyError) as e:    # truncated or not HDF5 (OSError), or a dataset missing (KeyError)
+        raise _invalid_part(path, f"h5py cannot read it: {e}") from None
     lengths = np.diff(offsets)
     if shape[1:] != (dims,) or stored != dtype:
         raise _invalid_part(path, f"features are {shape} {stored}, the store says (frames, {dims}) {dtype}")

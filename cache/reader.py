@@ -37,10 +37,14 @@ class StoreReader:
             raise FileNotFoundError(f"{index_path} not found: store {self.store_dir} has no index; "
                                     f"{INDEX_FIX}")
         if self.fmt == "hdf5":
-            with h5py.File(index_path, "r") as f:
-                self.ids: list[str] = [b.decode("utf-8") for b in f["ids"][:].tolist()]
-                cols = {name: f[name][:] for name in f if name != "ids"}
-                sizes = json.loads(f.attrs["parts"])
+            try:
+                with h5py.File(index_path, "r") as f:
+                    self.ids: list[str] = [b.decode("utf-8") for b in f["ids"][:].tolist()]
+                    cols = {name: f[name][:] for name in f if name != "ids"}
+                    sizes = json.loads(f.attrs["parts"])
+            except (OSError, KeyError) as e:
+                raise ValueError(f"{index_path} cannot be read ({e}); delete it and rebuild it: "
+                                 f"{INDEX_FIX}") from None
         else:
             index = json.loads(index_path.read_text(encoding="utf-8"))
             self.ids, sizes = index["ids"], index["parts"]
@@ -89,7 +93,11 @@ class StoreReader:
         if handle is None:
             path = self._paths[part]
             # hdf5: the `features` dataset itself, as looking it up costs more than a small read.
-            handle = h5py.File(path, "r")["features"] if self.fmt == "hdf5" else os.open(path, os.O_RDONLY)
+            try:
+                handle = h5py.File(path, "r")["features"] if self.fmt == "hdf5" else os.open(path, os.O_RDONLY)
+            except (OSError, KeyError) as e:
+                raise ValueError(f"{path} cannot be read ({e}); delete it and run the stage that wrote "
+                                 f"{self.store_dir.name}/ again") from None
             self._files[part] = handle
             if len(self._files) > _MAX_OPEN:
                 _close(self._files.popitem(last=False)[1])

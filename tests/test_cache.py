@@ -189,6 +189,40 @@ def test_a_damaged_wds_part_is_named_and_no_index_is_written(tmp_path, damage):
     assert not (store / "index.json").exists()
 
 
+@pytest.mark.parametrize("damage", ["cut", "not hdf5", "no features"])
+def test_a_damaged_hdf5_part_or_index_is_named_with_the_fix(tmp_path, damage):
+    """Before indexing, the stage's rerun names the part; after, the reader names the part or the index."""
+    store = tmp_path / "audio"
+    write_store(store, "hdf5", {f"utt{i}": np.ones((5, DIMS), np.float32) for i in range(4)}, n_parts=1,
+                empty_part=False)
+    path = part_path(store, 0, "hdf5")
+    good = path.read_bytes()
+
+    def damage_file(target):
+        if damage == "cut":
+            target.write_bytes(target.read_bytes()[:3000])
+        elif damage == "not hdf5":
+            target.write_text("junk")
+        else:
+            with h5py.File(target, "w") as f:
+                f["other"] = np.zeros(3)
+
+    damage_file(path)
+    with pytest.raises(ValueError, match=re.escape(f"{path} is not a valid part (h5py cannot read it")) as e:
+        build_index(store)
+    assert "delete it and run the stage again" in str(e.value)
+    assert not (store / "index.h5").exists()
+
+    path.write_bytes(good)
+    build_index(store)
+    damage_file(path)                       # damaged after the index was written: found when read
+    with StoreReader(store) as reader, pytest.raises(ValueError, match=re.escape(f"{path} cannot be read")):
+        reader.load_all(["utt0"])
+    damage_file(store / "index.h5")
+    with pytest.raises(ValueError, match=re.escape(f"{store / 'index.h5'} cannot be read")):
+        StoreReader(store)
+
+
 def test_h5py_reads_hdf5_part(tmp_path):
     store = tmp_path / "audio"
     items = make_items(2)
