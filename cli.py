@@ -38,8 +38,11 @@ def _run(fn, *args):
     """Runs a library call, turning user errors into clear one-line messages (no traceback)."""
     try:
         return fn(*args)
-    except (ValueError, FileNotFoundError) as e:
+    except ValueError as e:
         _fail(str(e))
+    except OSError as e:   # a missing file, a folder where a file goes, no permission, a full disk ...
+        # our own FileNotFoundErrors carry a sentence; the system's name the path: "PATH: Not a directory"
+        _fail(f"{e.filename}: {e.strerror}" if e.filename and e.strerror else str(e))
 
 
 @click.group(context_settings=CONTEXT)
@@ -270,7 +273,7 @@ def train(toml, preset, **options):
 @click.option("--keywords", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="Evaluate only these cached keywords (one per line).")
 @click.option("--prompt", default=None, help="Check that the cached keyword prompts used this template.")
-@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
+@click.option("--device", default="cpu", show_default=True, help="auto, cpu, cuda or cuda:N.")
 def evaluate(cache, checkpoint, split, json_out, html, save_embeddings, keywords, prompt, device):
     """Six-way retrieval (R@1/5/10) and keyword spotting (mAP, P@10, P@N, EER) on a split."""
     from trainer.evaluate import EvalConfig, evaluate as run, format_table

@@ -459,6 +459,8 @@ def _cli(*args) -> tuple[int, str]:
 @pytest.mark.parametrize("args, toml, message", [
     (["--batch-schedule", "64:2000,oops"], None, "bad batch schedule"),
     (["--device", "cuda"], None, "no CUDA GPU"),
+    (["--device", "gpu"], None, "--device 'gpu': use auto, cpu, cuda or cuda:N"),
+    ([], "device = 'gpu'\n", "--device 'gpu': use auto, cpu, cuda or cuda:N"),
     ([], "steps = 'many'\n", "steps = 'many': expected int"),
     ([], "stepz = 10\n", "unknown settings stepz"),
     ([], "data_mode = 'stream'\n", "--format wds"),
@@ -474,6 +476,24 @@ def test_bad_options_fail_with_a_message_not_a_traceback(args, toml, message, ti
     assert code == 1 and "Traceback" not in output
     assert message in output and "train:" not in output   # refused before the progress bar
     assert not (tmp_path / "run").exists()
+
+
+def test_an_out_folder_inside_a_file_is_named(tiny_cache, tmp_path):
+    (tmp_path / "notes.txt").write_text("")
+    code, output = _cli("--cache", tiny_cache, "--out", tmp_path / "notes.txt" / "run", "--threads", 1,
+                        "--batch-size", 8, "--steps", 2)
+    assert code == 1 and "Traceback" not in output
+    assert f"{tmp_path / 'notes.txt' / 'run'}: Not a directory" in output
+
+
+@pytest.mark.parametrize("device, message", [("gpu", "--device 'gpu': use auto, cpu, cuda or cuda:N"),
+                                             ("cuda" if not torch.cuda.is_available() else "tpu",
+                                              "no CUDA GPU" if not torch.cuda.is_available() else "'tpu'")])
+def test_evaluate_refuses_a_bad_device_before_loading(learned, tiny_cache, device, message):
+    out, _, _ = learned
+    result = CliRunner().invoke(cli_main, ["evaluate", "--cache", str(tiny_cache), "--checkpoint",
+                                           str(out / "best.pt"), "--device", device])
+    assert result.exit_code == 1 and message in result.output, result.output
 
 
 UNFINISHED = [("audio", "`clipspeech extract-audio` has not finished on this cache: run it again (or "
@@ -516,6 +536,32 @@ def test_a_checkpoint_refuses_a_cache_of_another_teacher(learned, tiny_cache, tm
     assert (out / "last.pt").read_bytes() == before
     result = CliRunner().invoke(cli_main, ["evaluate", "--cache", str(other), "--checkpoint", str(out / "best.pt")])
     assert result.exit_code == 1 and "other clip settings" in result.output and "weights_sha256" in result.output
+
+
+def test_evaluate_leaves_out_what_failed_in_the_stages(learned, tiny_corpus, tiny_teacher, tmp_path, caplog):
+    """A corpus with a broken test image (text named .jpg) and a test image whose every WAV is empty: both
+    are recorded in failures.jsonl, and evaluate scores the rest, without their captions, instead of
+    refusing queries that have no positive."""
+    from pipeline.embed import EmbedConfig, embed_images
+    from pipeline.extract import ExtractConfig, extract_audio
+    from trainer.evaluate import EvalConfig, evaluate
+    out, _, _ = learned
+    corpus, cache = tmp_path / "corpus", tmp_path / "cache"
+    shutil.copytree(tiny_corpus, corpus)
+    test_images = (corpus / "Flickr8k_text" / "Flickr_8k.testImages.txt").read_text().split()
+    broken, silent = Path(test_images[0]).stem, Path(test_images[1]).stem
+    (corpus / "Flicker8k_Dataset" / f"{broken}.jpg").write_text("not a JPEG")
+    for wav in (corpus / "flickr_audio" / "wavs").glob(f"{silent}_*.wav"):
+        wav.write_bytes(b"")
+    extract_audio(ExtractConfig(data=corpus, cache=cache, workers=1, progress=False))
+    embed_images(EmbedConfig(data=corpus, cache=cache, model=tiny_teacher, workers=0, progress=False))
+    with caplog.at_level("WARNING", logger="trainer.evaluate"):
+        results, arrays, _ = evaluate(EvalConfig(cache=cache, checkpoint=out / "best.pt"))
+    kept = len(test_images) - 2
+    assert results["counts"] == {"audio": 5 * kept, "images": kept, "texts": 5 * kept, "keywords": 6}
+    assert not {broken, silent} & (set(arrays["image_ids"]) | set(arrays["text_image_ids"]))
+    assert all(0 <= r["R@10"] <= 100 for r in results["retrieval"].values())
+    assert "test split: 10 utterances, 2 images, 10 captions left out" in caplog.text
 
 
 def test_conv_options_reach_the_saved_encoder(tiny_cache, tmp_path):

@@ -2,6 +2,7 @@
 spotting (REFERENCE.md §3), the printed table, the JSON file and the embeddings behind them."""
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +14,9 @@ from cache.manifest import TEXT_STORE, atomic_write_json, read_manifest, read_re
 from cache.reader import StoreReader
 from trainer.data import SplitData, load_keywords, load_split
 from trainer.metrics import keyword_chance, keyword_relevance, keyword_spotting, retrieval_chance, six_way_retrieval
-from trainer.precision import autocast
+from trainer.precision import autocast, pick_device
+
+log = logging.getLogger(__name__)
 
 PAIRS = (("audio_to_image", "audio -> image"), ("audio_to_text", "audio -> text"),
          ("image_to_audio", "image -> audio"), ("image_to_text", "image -> text"),
@@ -75,13 +78,20 @@ class EvalConfig:
     def __post_init__(self):
         if self.split not in ("train", "dev", "test"):
             raise ValueError(f"--split {self.split!r}: use train, dev or test")
+        pick_device(self.device)   # a bad or absent device fails here, before anything is loaded
 
 
-def _split_texts(cache: Path, split: str, device) -> tuple[list[str], list[str], torch.Tensor]:
-    """Every written caption of the split with an embedding: (caption ids, their image ids, [T, E])."""
+def _split_texts(cache: Path, records: list[dict], image_ids: list[str],
+                 device) -> tuple[list[str], list[str], torch.Tensor]:
+    """The written captions (with an embedding) of the evaluated images: (caption ids, their image ids, [T, E]).
+
+    Only the images that are evaluated (an image embedding and at least one usable utterance) count, so
+    that every caption has its image among the candidates: a caption of an image that failed in
+    embed-images, or whose every utterance failed in extract-audio, is left out with its image."""
+    images = set(image_ids)
     captions = {}
-    for r in read_records(cache):
-        if r["split"] == split:
+    for r in records:
+        if r["image_id"] in images:
             captions.setdefault(r["caption_id"], r["image_id"])
     reader = StoreReader(cache / TEXT_STORE)
     ids = [c for c in captions if c in reader]
@@ -90,10 +100,20 @@ def _split_texts(cache: Path, split: str, device) -> tuple[list[str], list[str],
     return ids, [captions[c] for c in ids], torch.from_numpy(array.astype(np.float32)).to(device)
 
 
+def _report_left_out(cfg: EvalConfig, records: list[dict], data: SplitData, text_ids: list[str]) -> None:
+    """A warning with what of the split is not evaluated (failed in extract-audio or embed-images)."""
+    gone = {"utterances": len({r["utt_id"] for r in records}) - len(data),
+            "images": len({r["image_id"] for r in records}) - len(data.image_ids),
+            "captions": len({r["caption_id"] for r in records}) - len(text_ids)}
+    if any(gone.values()):
+        log.warning("%s split: %s left out (no features or no embedding: see %s/failures.jsonl)", cfg.split,
+                    ", ".join(f"{n} {what}" for what, n in gone.items() if n), cfg.cache)
+
+
 def evaluate(cfg: EvalConfig) -> tuple[dict, dict]:
     """(results in the JSON shape of the README, the arrays behind them, chance levels)."""
     from trainer.checkpoint import check_same_cache, load_encoder
-    device = torch.device(cfg.device)
+    device = pick_device(cfg.device)
     model, state = load_encoder(cfg.checkpoint, device)
     check_same_cache(read_manifest(cfg.cache), state, cfg.checkpoint, cfg.cache,
                      "evaluate it on a cache made the same way")
@@ -101,7 +121,9 @@ def evaluate(cfg: EvalConfig) -> tuple[dict, dict]:
     if len(data) == 0:
         raise ValueError(f"{cfg.cache}: no usable utterances in the {cfg.split} split")
     audio = embed_audio(model, data, cfg.batch_size, model.cfg.max_frames)
-    text_ids, text_image_ids, text = _split_texts(cfg.cache, cfg.split, device)
+    records = [r for r in read_records(cfg.cache) if r["split"] == cfg.split]
+    text_ids, text_image_ids, text = _split_texts(cfg.cache, records, data.image_ids, device)
+    _report_left_out(cfg, records, data, text_ids)
     words, keyword_emb = _keywords(cfg, device)
     audio_image_ids = [data.image_ids[i] for i in data.image_index.tolist()]
 

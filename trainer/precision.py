@@ -30,7 +30,12 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
     """auto -> cuda:LOCAL_RANK when a GPU is there, else cpu; an explicit cuda without a GPU is an error."""
     if name == "auto":
         return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name!r}: use auto, cpu, cuda or cuda:N")
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(f"--device {name}: no CUDA GPU is visible here; use --device cpu")
