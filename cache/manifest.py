@@ -76,6 +76,18 @@ def atomic_write_bytes(path, data: bytes) -> None:
         tmp.write_bytes(data)
 
 
+def read_utf8(path) -> str:
+    """A text file the user gives (corpus lists, keywords, configs): its text, or a ValueError naming the
+    file, the line of the first byte that is not UTF-8 and the fix (a bare UnicodeDecodeError names none)."""
+    data = pathlib.Path(path).read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise ValueError(f"{path}: not UTF-8 text (byte 0x{data[e.start]:02x} on line {line}); convert it, "
+                         f"e.g. `iconv -f latin1 -t utf-8 {path} > fixed && mv fixed {path}`") from None
+
+
 def atomic_write_text(path, text: str) -> None:
     """Write utf-8 `text` to `path` atomically (temporary file + fsync + `os.replace`)."""
     atomic_write_bytes(path, text.encode("utf-8"))

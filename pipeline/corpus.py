@@ -13,6 +13,8 @@ from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cache.manifest import read_utf8
+
 SPLITS = ("train", "dev", "test")
 SPLIT_ALIASES = {"train": "train", "dev": "dev", "val": "dev", "valid": "dev", "validation": "dev",
                  "test": "test", "restval": "train"}
@@ -158,8 +160,10 @@ FLICKR_SPLIT_FILES = (("train", "Flickr_8k.trainImages.txt"), ("dev", "Flickr_8k
 def _lines(path: Path) -> list[str]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: missing; the Flickr8k layout needs it (see REFERENCE.md §5 / README)")
-    with open(path, encoding="utf-8") as f:
-        return [line.rstrip("\n\r") for line in f]
+    lines = read_utf8(path).split("\n")
+    if lines[-1] == "":    # the file's last newline ends a line; it does not start one
+        lines.pop()
+    return [line.rstrip("\r") for line in lines]
 
 
 def read_flickr8k(root: str | os.PathLike, check_files: bool = True) -> Corpus:
@@ -284,8 +288,7 @@ def read_spokencoco(path: str | os.PathLike, image_root: str | os.PathLike | Non
     for file in files:
         split = _split_from_filename(file)
         try:
-            with open(file, encoding="utf-8") as f:
-                data = json.load(f)
+            data = json.loads(read_utf8(file))
         except json.JSONDecodeError as e:
             raise ValueError(f"{file}: not valid JSON ({e}); re-download the SpokenCOCO metadata") from None
         if not isinstance(data, dict) or not isinstance(data.get("data"), list):
@@ -343,32 +346,31 @@ def read_jsonl(path: str | os.PathLike, check_files: bool = True) -> Corpus:
     report = CorpusReport("jsonl", str(path))
     utterances: list[Utterance] = []
     seen: set[str] = set()
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{i}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                report.add("malformed line (not JSON)", where)
-                continue
-            if not isinstance(row, dict) or not all(isinstance(row.get(k), str) and row.get(k)
-                                                    for k in ("audio", "image", "caption", "split")):
-                report.add(f"line without one of audio, image, caption, split ({JSONL_FIELDS})", where)
-                continue
-            if row["split"].lower() not in SPLIT_ALIASES:
-                report.add("unknown split (use train, dev/val, test)", f"{where} {row['split']!r}")
-                continue
-            audio, image = root / row["audio"], root / row["image"]
-            utt_id = str(row.get("id") or audio.stem)
-            if utt_id in seen:
-                report.add("duplicate utterance id (first kept)", f"{where} {utt_id}")
-                continue
-            seen.add(utt_id)
-            utterances.append(Utterance(
-                utt_id=utt_id, audio_path=str(audio), image_id=str(row.get("image_id") or image.stem),
-                image_path=str(image), caption=row["caption"].strip(),
-                caption_id=str(row.get("caption_id") or utt_id), speaker=str(row.get("speaker", "unknown")),
-                split=_split_name(row["split"], where)))
+    for i, line in enumerate(read_utf8(path).split("\n"), 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{i}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            report.add("malformed line (not JSON)", where)
+            continue
+        if not isinstance(row, dict) or not all(isinstance(row.get(k), str) and row.get(k)
+                                                for k in ("audio", "image", "caption", "split")):
+            report.add(f"line without one of audio, image, caption, split ({JSONL_FIELDS})", where)
+            continue
+        if row["split"].lower() not in SPLIT_ALIASES:
+            report.add("unknown split (use train, dev/val, test)", f"{where} {row['split']!r}")
+            continue
+        audio, image = root / row["audio"], root / row["image"]
+        utt_id = str(row.get("id") or audio.stem)
+        if utt_id in seen:
+            report.add("duplicate utterance id (first kept)", f"{where} {utt_id}")
+            continue
+        seen.add(utt_id)
+        utterances.append(Utterance(
+            utt_id=utt_id, audio_path=str(audio), image_id=str(row.get("image_id") or image.stem),
+            image_path=str(image), caption=row["caption"].strip(),
+            caption_id=str(row.get("caption_id") or utt_id), speaker=str(row.get("speaker", "unknown")),
+            split=_split_name(row["split"], where)))
     return _finish("jsonl", path, utterances, report, check_files)

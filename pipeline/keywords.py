@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from cache.manifest import read_utf8
+
 DEFAULT_PROMPT = "this is a photo of a {}"
 
 # The 67 Flickr8k keywords of Kamper et al. (REFERENCE.md §4)
@@ -20,7 +22,7 @@ def read_keywords(path: str | Path) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: keyword file not found (one keyword per line)")
-    words = [line.strip().lower() for line in path.read_text(encoding="utf-8").splitlines()]
+    words = [line.strip().lower() for line in read_utf8(path).splitlines()]
     words = [w for w in words if w and not w.startswith("#")]
     if not words:
         raise ValueError(f"{path}: no keywords in this file (one keyword per line)")

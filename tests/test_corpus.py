@@ -169,3 +169,44 @@ def test_unknown_paths_are_clear_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="not a corpus clipspeech can read"):
         read_corpus(tmp_path / "empty")
+
+
+def _latin1_line(path: Path, line: str) -> int:
+    """Appends `line` in Latin-1 (an e-acute: byte 0xe9, not UTF-8) and returns its line number."""
+    n = len(path.read_bytes().splitlines()) + 1
+    with open(path, "ab") as f:
+        f.write(line.encode("latin-1") + b"\n")
+    return n
+
+
+def test_a_text_file_that_is_not_utf8_is_named_with_its_line(tmp_path):
+    write_flickr(tmp_path)
+    tokens = tmp_path / "Flickr8k_text" / "Flickr8k.token.txt"
+    line = _latin1_line(tokens, "1003_dd.jpg#5\tA dog in a caf\u00e9 .")
+    with pytest.raises(ValueError, match=f"{tokens}: not UTF-8 text \\(byte 0xe9 on line {line}\\); convert it"):
+        read_corpus(tmp_path)
+
+    from pipeline.keywords import read_keywords
+    keywords = tmp_path / "keywords.txt"
+    keywords.write_text("dog\n")
+    _latin1_line(keywords, "caf\u00e9")
+    with pytest.raises(ValueError, match=f"{keywords}: not UTF-8 text \\(byte 0xe9 on line 2\\)"):
+        read_keywords(keywords)
+
+    from trainer.config import load_toml
+    toml = tmp_path / "run.toml"
+    toml.write_text("steps = 10\n")
+    _latin1_line(toml, "# caf\u00e9")
+    with pytest.raises(ValueError, match=f"{toml}: not UTF-8 text \\(byte 0xe9 on line 2\\)"):
+        load_toml(toml)
+
+
+def test_jsonl_lines_are_numbered_as_in_the_file(tmp_path):
+    """The manifest is read whole now: a problem's line number is still the file's (blank lines count)."""
+    wav(tmp_path / "one.wav")
+    touch(tmp_path / "pic.jpg")
+    good = json.dumps({"audio": "one.wav", "image": "pic.jpg", "caption": "a", "split": "train"})
+    (tmp_path / "c.jsonl").write_text(f"{good}\n\nnot json\r\n")
+    corpus = read_jsonl(tmp_path / "c.jsonl")
+    assert len(corpus.utterances) == 1
+    assert corpus.report.problems["malformed line (not JSON)"].examples == [f"{tmp_path / 'c.jsonl'}:3"]

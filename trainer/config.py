@@ -10,6 +10,8 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
+from cache.manifest import read_utf8
+
 from trainer.loss import TARGETS
 from trainer.model import CONV_INITS, POOLINGS, POS_EMBS
 from trainer.model import PRESETS as ENCODER_PRESETS
@@ -156,8 +158,7 @@ def load_toml(path: str | Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: config file not found")
     try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
+        data = tomllib.loads(read_utf8(path))
     except tomllib.TOMLDecodeError as e:
         raise ValueError(f"{path}: not valid TOML ({e})") from None
     data = {k.replace("-", "_"): v for k, v in data.items()}

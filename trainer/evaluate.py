@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cache.manifest import TEXT_STORE, atomic_write_json, read_manifest, read_records
+from cache.manifest import TEXT_STORE, atomic_write_json, read_manifest, read_records, read_utf8
 from cache.reader import StoreReader
 from trainer.data import SplitData, load_keywords, load_split
 from trainer.metrics import keyword_chance, keyword_relevance, keyword_spotting, retrieval_chance, six_way_retrieval
@@ -166,7 +166,7 @@ def _keywords(cfg: EvalConfig, device) -> tuple[list[str], torch.Tensor]:
     path = Path(cfg.keywords)
     if not path.is_file():
         raise FileNotFoundError(f"--keywords {path}: no such file (one keyword per line)")
-    wanted = list(dict.fromkeys(w.strip().lower() for w in path.read_text(encoding="utf-8").splitlines()
+    wanted = list(dict.fromkeys(w.strip().lower() for w in read_utf8(path).splitlines()
                                 if w.strip() and not w.strip().startswith("#")))
     if not wanted:
         raise ValueError(f"--keywords {path}: no keywords in this file (one per line; # starts a comment)")
