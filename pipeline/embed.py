@@ -25,7 +25,7 @@ from cache.store import (FAILURES_DIR, FORMATS, INDEX_FILE, PartWriter, check_sh
                          failures_path, plan_parts, read_store_json, recorded_failures, remove_leftovers,
                          shard_parts, store_settings_diff)
 from pipeline.corpus import read_corpus
-from pipeline.extract import default_workers
+from pipeline.extract import corpus_digest, default_workers
 from pipeline.images import embed_image_files
 from pipeline.keywords import DEFAULT_PROMPT, load_keywords
 from pipeline.towers import Tower, pipelined, text_tower
@@ -217,11 +217,28 @@ def _claim_clip(cfg: EmbedConfig, identity: dict, settings: dict) -> None:
 # The stage
 
 
+def _check_same_corpus(cfg: EmbedConfig, corpus, manifest: dict) -> None:
+    """The cache's audio (extract-audio records the corpus's utterance ids) must come from this corpus:
+    embeddings of another corpus's images would leave the trainer with no usable utterance."""
+    recorded = manifest.get("corpus")
+    if recorded and recorded.get("ids_sha1") != corpus_digest(corpus):
+        raise CacheMismatchError(
+            f"--data {cfg.data} is not the corpus whose audio is in {cfg.cache}: extract-audio recorded "
+            f"{recorded.get('utterances')} utterances of {recorded.get('kind')} corpus {recorded.get('root')}, "
+            f"this one has {len(corpus.utterances)} with other ids; pass that corpus as --data, or use "
+            "another --cache folder for this one")
+
+
 def embed_images(cfg: EmbedConfig) -> EmbedSummary:
     """Runs the stage for this shard; builds the indexes (and records image failures) once all parts exist."""
     # no per-file checks: the report is not shown here, and each image's file is checked as it is read
     corpus = read_corpus(cfg.data, check_files=False)
-    fmt = cfg.fmt or read_manifest(cfg.cache).get("audio", {}).get("format", "hdf5")
+    manifest = read_manifest(cfg.cache)
+    _check_same_corpus(cfg, corpus, manifest)
+    # read before anything is loaded or recorded: a bad --keywords file fails first (on every shard;
+    # shard 0 embeds them)
+    words = load_keywords(cfg.keywords, corpus.root)
+    fmt = cfg.fmt or manifest.get("audio", {}).get("format", "hdf5")
     teacher = load_teacher(cfg.model, cfg.pretrained, cfg.device)
     settings = _run_settings(cfg, fmt)
     cfg.cache.mkdir(parents=True, exist_ok=True)
@@ -235,8 +252,6 @@ def embed_images(cfg: EmbedConfig) -> EmbedSummary:
         images.setdefault(u.image_id, u.image_path)
         captions.setdefault(u.caption_id, u.caption)
     summary = EmbedSummary(images=len(images), captions=len(captions))
-    # read now: a bad --keywords file must not wait for the images to fail
-    words = load_keywords(cfg.keywords, corpus.root) if cfg.shard[0] == 0 else []
 
     started = time.perf_counter()
     image_failures = _embed_image_store(cfg, fmt, teacher, list(images.items()), attrs, summary)

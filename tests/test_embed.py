@@ -376,6 +376,20 @@ def test_refuses_to_mix_teachers_or_settings(corpus, teacher, tmp_path):
     assert read_manifest(cache)["clip"]["dtype"] == "float16"
 
 
+def test_refuses_a_corpus_other_than_the_one_of_the_cached_audio(corpus, teacher, tmp_path):
+    """Embeddings of another corpus's images would leave train with no usable utterance and no reason."""
+    from pipeline.extract import ExtractConfig, extract_audio
+    other = write_tiny_flickr(tmp_path / "other", images=4)
+    cache = tmp_path / "cache"
+    extract_audio(ExtractConfig(data=other, cache=cache, workers=1, progress=False))
+    with pytest.raises(CacheMismatchError) as err:
+        run(corpus, cache, teacher)
+    assert f"--data {corpus} is not the corpus whose audio is in {cache}" in str(err.value)
+    assert f"20 utterances of flickr8k corpus {other}" in str(err.value)
+    assert "clip" not in read_manifest(cache) and not (cache / IMAGE_STORE).exists()
+    run(other, cache, teacher)              # the right corpus goes through
+
+
 def test_resume_after_a_crash_and_shards(corpus, teacher, tmp_path, monkeypatch):
     whole = tmp_path / "whole"
     run(corpus, whole, teacher, part_size=2)
@@ -444,3 +458,8 @@ def test_command_line(corpus, teacher, tmp_path):
     result = CliRunner().invoke(main, fresh + ["--model", teacher, "--keywords", str(tmp_path / "words.txt")])
     assert result.exit_code == 1 and "words.txt: keyword file not found" in result.output
     assert not list((tmp_path / "fresh").rglob("part-*"))
+    # ... and nothing is recorded, so the corrected rerun may pick other settings; every shard checks it
+    assert not (tmp_path / "fresh" / "cache.json").exists()
+    result = CliRunner().invoke(main, fresh + ["--model", teacher, "--shard", "1/2", "--keywords",
+                                               str(tmp_path / "words.txt")])
+    assert result.exit_code == 1 and "words.txt: keyword file not found" in result.output
