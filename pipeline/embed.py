@@ -74,9 +74,13 @@ class EmbedConfig:
             raise ValueError(f"--batch-size {self.batch_size} and --part-size {self.part_size} must be "
                              f"positive, --workers {self.workers} 0 or more")
         try:
-            torch.device(self.device)
+            kind = torch.device(self.device).type
         except RuntimeError:
-            raise ValueError(f"--device {self.device!r}: use cpu, cuda or cuda:N") from None
+            kind = None
+        if kind not in ("cpu", "cuda"):
+            raise ValueError(f"--device {self.device!r}: use cpu, cuda or cuda:N")
+        if kind == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"--device {self.device}: torch sees no CUDA device here; use --device cpu")
 
 
 @dataclass

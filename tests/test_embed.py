@@ -453,6 +453,10 @@ def test_command_line(corpus, teacher, tmp_path):
     result = CliRunner().invoke(main, args + ["--model", "ViT-S-32-alt", "--pretrained",
                                               "missing/weights.pt"])
     assert result.exit_code == 1 and "missing/weights.pt: no such checkpoint file" in result.output
+    for device, message in [("gpu", "--device 'gpu': use cpu, cuda or cuda:N"),
+                            *([] if torch.cuda.is_available() else [("cuda", "torch sees no CUDA device")])]:
+        result = CliRunner().invoke(main, args + ["--model", teacher, "--device", device])
+        assert result.exit_code == 1 and message in result.output, result.output
     # a missing keyword file is named before any image is embedded (the images could take hours)
     fresh = ["embed-images", "--data", str(corpus), "--cache", str(tmp_path / "fresh"), "--workers", "0"]
     result = CliRunner().invoke(main, fresh + ["--model", teacher, "--keywords", str(tmp_path / "words.txt")])
