@@ -135,9 +135,13 @@ class TooManyFailures(RuntimeError):
 
     def __init__(self, summary: ExtractSummary, max_failures: int):
         self.summary = summary
-        super().__init__("\n".join(summary.lines() + [
-            f"error: {summary.failures_total} utterances failed, more than --max-failures {max_failures}: "
-            "fix or drop those files (reasons listed above), or raise --max-failures"]))
+        if summary.failures_total > max_failures:
+            why = (f"error: {summary.failures_total} utterances failed, more than --max-failures {max_failures}: "
+                   "fix or drop those files (reasons listed above), or raise --max-failures")
+        else:   # under the limit, but nothing is left to train on: a wrong setting, not a few bad files
+            why = (f"error: all {summary.failures_total} utterances failed (reasons listed above): check the "
+                   "feature options (--option) and the corpus' audio")
+        super().__init__("\n".join(summary.lines() + [why]))
 
 
 def _first(names: list[str], n: int = 8) -> str:
@@ -226,7 +230,7 @@ def extract_audio(cfg: ExtractConfig) -> ExtractSummary:
                 summary.parts_done or not (store / SPEAKER_CMVN).is_file()):
             write_speaker_cmvn(cfg.cache)
     summary.seconds = time.perf_counter() - started
-    if summary.failures_total > cfg.max_failures:
+    if summary.failures_total > cfg.max_failures or (summary.indexed == 0 and summary.failures_total):
         raise TooManyFailures(summary, cfg.max_failures)
     return summary
 

@@ -276,6 +276,15 @@ def test_bad_files_are_recorded_and_the_rest_continues(tmp_path):
                                     max_failures=3, progress=False))
 
 
+def test_a_stage_in_which_every_utterance_failed_is_an_error(tmp_path):
+    """Under --max-failures (a count) but nothing usable: a wrong option, which exit 0 would hide."""
+    corpus = write_tiny_flickr(tmp_path / "corpus", images=2)
+    code, out = cli("--data", str(corpus), "--cache", str(tmp_path / "cache"), "--workers", "1",
+                    "--option", "win=100000")
+    assert code == 1 and "Traceback" not in out
+    assert "all 10 utterances failed" in out and "--option" in out
+
+
 # ---- speaker-level CMVN ----
 
 def fake_clip_stores(cache: Path) -> None:
