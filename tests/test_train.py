@@ -165,6 +165,21 @@ def test_resume_after_a_crash_mid_log_line(tiny_cache, tmp_path):
     assert sorted(logged_losses(out)) == [1, 2, 3, 4]
 
 
+def test_resume_says_what_changed_and_when_nothing_is_left(tiny_cache, tmp_path, capsys):
+    out = tmp_path / "run"
+    train(tiny_config(tiny_cache, out, steps=4, stop_after=2))
+    capsys.readouterr()
+    train(tiny_config(tiny_cache, out, steps=4, resume=True, lr=1e-3, warmup=2))
+    said = capsys.readouterr().out
+    assert f"--resume: {out / 'last.pt'} was trained with other settings; from step 2 on, lr 0.002 -> 0.001, " \
+           "warmup 5 -> 2" in said
+    assert json.loads((out / "config.json").read_text())["lr"] == 1e-3
+    train(tiny_config(tiny_cache, out, steps=3, resume=True, lr=1e-3, warmup=2))
+    said = capsys.readouterr().out
+    assert "is at step 4, --steps is 3: nothing to train; raise --steps" in said and "other settings" not in said
+    assert sorted(logged_losses(out)) == [1, 2, 3, 4]
+
+
 def _wait_for_step(run_dir: Path, step: int, running, seconds: float = 120) -> bool:
     """Polls RUN_DIR/metrics.jsonl until it logs `step` (True), or running() is False or time is up."""
     deadline = time.monotonic() + seconds

@@ -220,6 +220,27 @@ def _tensorboard(out: Path):
     return SummaryWriter(str(out / "tensorboard"))
 
 
+# what the run learns with (the model's settings are checked apart): changing one on --resume is allowed
+# (e.g. a lower lr to finish) but said, as config.json is rewritten with the new values
+RECIPE_FIELDS = ("symmetric", "targets", "one_caption_per_image", "batch_size", "batch_schedule", "lr",
+                 "weight_decay", "warmup", "grad_clip", "spec_augment", "bucket", "seed", "best_metric")
+
+
+def _resume_notices(cfg: TrainConfig, state: dict, last: Path) -> list[str]:
+    """What a user should know before a resumed run goes on: changed settings, nothing left to train."""
+    before = state["config"]
+    changed = [f"{k} {before[k]!r} -> {getattr(cfg, k)!r}" for k in RECIPE_FIELDS
+               if k in before and before[k] != getattr(cfg, k)]
+    notes = []
+    if changed:
+        notes.append(f"--resume: {last} was trained with other settings; from step {state['step']} on, "
+                     f"{', '.join(changed)}")
+    if state["step"] >= cfg.steps:
+        notes.append(f"--resume: {last} is at step {state['step']}, --steps is {cfg.steps}: nothing to train; "
+                     "raise --steps to continue the run")
+    return notes
+
+
 def _restore(run: Run, state: dict, last: Path) -> dict:
     """Loads a checkpoint's states into `run`; returns its `best` record."""
     if state["encoder"] != run.encoder.to_dict():
@@ -326,6 +347,8 @@ def train(cfg: TrainConfig) -> dict:
     elapsed = 0.0                         # wall seconds of the loop in earlier invocations of this run
     if state is not None:
         best, window = _restore(run, state, last), state.get("window", window)
+        for note in _resume_notices(cfg, state, last) if main else []:
+            print(note)
         elapsed = state.get("elapsed_s", 0.0)
     elif cfg.resume and main:
         print(f"--resume: no {last} yet, starting a fresh run")
