@@ -229,7 +229,7 @@ def read_flickr8k(root: str | os.PathLike, check_files: bool = True) -> Corpus:
         seen.add(utt_id)
         spoken.add((image, n))
         if image not in split_of:
-            report.add("image in no split list (left out)", image)
+            report.add("utterance of an image in no split list (left out)", f"{wav} -> {image}")
             continue
         caption = captions.get((image, n))
         if caption is None:

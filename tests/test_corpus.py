@@ -62,7 +62,8 @@ def test_flickr8k_layout_and_quirks(tmp_path):
     assert u.image_path == str((tmp_path / "Flicker8k_Dataset" / "1001_bb.jpg").resolve())
     assert u.audio_path.endswith("flickr_audio/wavs/1001_bb_2.wav")
     r = corpus.report
-    assert r.count("image in no split list (left out)") == 5
+    assert r.count("utterance of an image in no split list (left out)") == 5
+    assert r.problems["utterance of an image in no split list (left out)"].examples[0] == "1003_dd_0.wav -> 1003_dd.jpg"
     assert r.count("caption without audio") == 1
     assert r.count("duplicate utterance id (first kept)") == 1
     assert r.count("malformed wav2capt line") == 1
