@@ -25,7 +25,7 @@ from cache.store import (FAILURES_DIR, FORMATS, INDEX_FILE, PartWriter, check_sh
                          failures_path, plan_parts, read_store_json, recorded_failures, remove_leftovers,
                          shard_parts, store_settings_diff)
 from pipeline.corpus import read_corpus
-from pipeline.extract import corpus_digest, default_workers
+from pipeline.extract import check_device, corpus_digest, default_workers
 from pipeline.images import embed_image_files
 from pipeline.keywords import DEFAULT_PROMPT, load_keywords
 from pipeline.towers import Tower, pipelined, text_tower
@@ -73,14 +73,7 @@ class EmbedConfig:
         if self.batch_size < 1 or self.part_size < 1 or self.workers < 0:
             raise ValueError(f"--batch-size {self.batch_size} and --part-size {self.part_size} must be "
                              f"positive, --workers {self.workers} 0 or more")
-        try:
-            kind = torch.device(self.device).type
-        except RuntimeError:
-            kind = None
-        if kind not in ("cpu", "cuda"):
-            raise ValueError(f"--device {self.device!r}: use cpu, cuda or cuda:N")
-        if kind == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"--device {self.device}: torch sees no CUDA device here; use --device cpu")
+        check_device(self.device)
 
 
 @dataclass

@@ -33,6 +33,18 @@ from pipeline.recipes import get_recipe
 DEFAULT_PART_SIZE = 500      # utterances per part: the unit of resume and sharding
 
 
+def check_device(name: str) -> None:
+    """A stage's --device: cpu, cuda or cuda:N, and a GPU where cuda is asked for; ValueError otherwise."""
+    try:
+        kind = torch.device(name).type
+    except RuntimeError:
+        kind = None
+    if kind not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name!r}: use cpu, cuda or cuda:N")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: torch sees no CUDA device here; use --device cpu")
+
+
 def default_workers() -> int:
     """Cores this process may use (its CPU affinity), at least 1."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -68,14 +80,7 @@ class ExtractConfig:
         if self.cache.exists() and not self.cache.is_dir():
             raise ValueError(f"--cache {self.cache} is a file; give a folder (created if missing)")
         if self.batch_device is not None:
-            try:
-                kind = torch.device(self.batch_device).type
-            except RuntimeError:
-                kind = None
-            if kind not in ("cpu", "cuda"):
-                raise ValueError(f"--device {self.batch_device!r}: use cpu, cuda or cuda:N")
-            if kind == "cuda" and not torch.cuda.is_available():
-                raise ValueError(f"--device {self.batch_device}: torch sees no CUDA device here; use cpu")
+            check_device(self.batch_device)
 
 
 @dataclass

@@ -347,8 +347,9 @@ def train(cfg: TrainConfig) -> dict:
     elapsed = 0.0                         # wall seconds of the loop in earlier invocations of this run
     if state is not None:
         best, window = _restore(run, state, last), state.get("window", window)
-        for note in _resume_notices(cfg, state, last) if main else []:
-            print(note)
+        if main:
+            for note in _resume_notices(cfg, state, last):
+                print(note)
         elapsed = state.get("elapsed_s", 0.0)
     elif cfg.resume and main:
         print(f"--resume: no {last} yet, starting a fresh run")
