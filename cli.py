@@ -202,7 +202,9 @@ def _flag(name: str, help: str):
                                                   "loss"]), default=None, help="What best.pt maximises.")
 @click.option("--device", default=None, help="auto (default), cpu, cuda, cuda:N.")
 @click.option("--seed", type=int, default=None, help="Random seed [42].")
-@click.option("--resume", is_flag=True, default=None, help="Continue RUN_DIR/last.pt exactly where it stopped.")
+@click.option("--resume", is_flag=True, default=None,
+              help="Continue RUN_DIR/last.pt exactly where it stopped, with the settings in RUN_DIR/config.json "
+                   "(options given here win; not --device, --threads, --stop-after).")
 @click.option("--stop-after", type=click.IntRange(min=1), default=None,
               help="Stop after this many steps in this invocation (fits a job's time slot; continue with --resume).")
 @click.option("--layers", type=click.IntRange(min=0), default=None, help="Transformer layers [seed: 8].")

@@ -180,6 +180,36 @@ def test_resume_says_what_changed_and_when_nothing_is_left(tiny_cache, tmp_path,
     assert sorted(logged_losses(out)) == [1, 2, 3, 4]
 
 
+def test_resume_takes_the_run_settings_from_its_config(tiny_cache, tmp_path):
+    """`train --cache C --out RUN --resume` alone continues a run started with many options (the job
+    script's second line need not repeat the first's): the same losses as a run that never stopped."""
+    common = dict(steps=6, dropout=0.1, pooling="attention", pos_emb="learned", batch_schedule="4:3,8")
+    train(tiny_config(tiny_cache, tmp_path / "whole", **common))
+    out = tmp_path / "parts"
+    train(tiny_config(tiny_cache, out, stop_after=2, **common))
+    code, output = _cli("--cache", tiny_cache, "--out", out, "--resume", "--threads", 1, "--device", "cpu")
+    assert code == 0, output
+    assert "other settings" not in output
+    assert logged_losses(out) == logged_losses(tmp_path / "whole")
+    saved = json.loads((out / "config.json").read_text())
+    assert (saved["pooling"], saved["batch_schedule"], saved["stop_after"]) == ("attention", "4:3,8", 0)
+
+
+def test_resume_names_the_model_settings_that_differ(tiny_cache, tmp_path):
+    out = tmp_path / "run"
+    train(tiny_config(tiny_cache, out, steps=4, stop_after=2))
+    before = (out / "last.pt").read_bytes()
+    code, output = _cli("--cache", tiny_cache, "--out", out, "--resume", "--threads", 1, "--layers", 2)
+    assert code == 1 and "Traceback" not in output
+    assert "its model settings differ from this run's (layers 1 -> 2)" in output
+    code, output = _cli("--cache", tiny_cache, "--out", out, "--resume", "--threads", 1, "--preset", "seed")
+    assert code == 1 and "was trained with preset demo" in output and "leave out --preset" in output
+    assert (out / "last.pt").read_bytes() == before
+    (out / "config.json").write_text("{")
+    code, output = _cli("--cache", tiny_cache, "--out", out, "--resume")
+    assert code == 1 and f"{out / 'config.json'}: not valid JSON" in output
+
+
 def _wait_for_step(run_dir: Path, step: int, running, seconds: float = 120) -> bool:
     """Polls RUN_DIR/metrics.jsonl until it logs `step` (True), or running() is False or time is up."""
     deadline = time.monotonic() + seconds

@@ -1,11 +1,14 @@
 """The training run's configuration: defaults that reproduce the seed note, named presets, TOML files.
 
 Precedence: the dataclass defaults (the seed's set-up) < the preset < the TOML file < command-line options.
+With --resume of a run that has a last.pt, the run's own RUN_DIR/config.json comes between the preset and the
+TOML file, so `train --cache C --out RUN --resume` continues a run with the settings it was started with.
 The resolved configuration is saved in RUN_DIR/config.json and in every checkpoint.
 """
 from __future__ import annotations
 
 import dataclasses
+import json
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -172,13 +175,42 @@ def load_toml(path: str | Path) -> dict:
     return data
 
 
+# settings of one invocation, not of the run: --resume does not take them from the run's config.json
+INVOCATION_FIELDS = ("cache", "out", "resume", "stop_after", "device", "threads", "progress")
+
+
+def _run_settings(out: str) -> dict:
+    """The settings in OUT/config.json of a run that has a last.pt (the run --resume continues), less the
+    invocation's own; {} where there is no such run."""
+    out = Path(out)
+    path = out / "config.json"
+    if not (out / "last.pt").is_file() or not path.is_file():
+        return {}
+    try:
+        saved = json.loads(read_utf8(path))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e}); --resume takes the run's settings from it: give "
+                         "them all on the command line after deleting the file") from None
+    if not isinstance(saved, dict):
+        raise ValueError(f"{path}: not a run's settings (a JSON object expected)")
+    # a field an older clipspeech wrote and this one dropped has no meaning here
+    return {k: v for k, v in saved.items() if k in FIELDS and k not in INVOCATION_FIELDS}
+
+
 def resolve_config(preset: str | None = None, toml: str | Path | None = None, **options) -> TrainConfig:
-    """Defaults < preset < TOML < options (options that are None are not set)."""
+    """Defaults < preset < (on --resume) the run's config.json < TOML < options (options that are None are
+    not set)."""
     file = load_toml(toml) if toml else {}
-    name = preset or file.get("preset") or "seed"
+    given = {**file, **{k: v for k, v in options.items() if v is not None}}
+    saved = _run_settings(given["out"]) if given.get("resume") and given.get("out") else {}
+    name = preset or file.get("preset") or saved.get("preset") or "seed"
     if name not in PRESETS:
         raise ValueError(f"preset {name!r}: use one of {', '.join(PRESETS)}")
-    merged = {**PRESETS[name], **file, **{k: v for k, v in options.items() if v is not None}, "preset": name}
+    if saved and saved.get("preset", name) != name:
+        raise ValueError(f"--preset {name}: {Path(given['out']) / 'last.pt'} was trained with preset "
+                         f"{saved['preset']}; --resume takes the run's settings from its config.json: leave out "
+                         "--preset, or start a new run (another --out)")
+    merged = {**PRESETS[name], **saved, **given, "preset": name}
     unknown = sorted(set(merged) - FIELDS)
     if unknown:
         raise ValueError(f"unknown settings {', '.join(unknown)}")

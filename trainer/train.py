@@ -243,8 +243,12 @@ def _resume_notices(cfg: TrainConfig, state: dict, last: Path) -> list[str]:
 
 def _restore(run: Run, state: dict, last: Path) -> dict:
     """Loads a checkpoint's states into `run`; returns its `best` record."""
-    if state["encoder"] != run.encoder.to_dict():
-        raise ValueError(f"{last}: its model settings differ from this run's; resume with the same settings")
+    ours, theirs = run.encoder.to_dict(), state["encoder"]
+    if theirs != ours:
+        diff = ", ".join(f"{k} {theirs.get(k)!r} -> {ours.get(k)!r}" for k in sorted(ours.keys() | theirs.keys())
+                         if theirs.get(k) != ours.get(k))
+        raise ValueError(f"{last}: its model settings differ from this run's ({diff}); resume without the model "
+                         "options (they are taken from the run's config.json), or start a new run (another --out)")
     if state["config"].get("data_mode", "memory") != run.cfg.data_mode:
         raise ValueError(f"{last} was trained with --data-mode {state['config'].get('data_mode')}; resume "
                          "with the same data mode")
