@@ -205,6 +205,17 @@ def claim_section(cache_dir, section: str, settings: dict, fix: str = "") -> Non
                                  f"requested:\n  {lines}{hint}")
 
 
+def replace_section(cache_dir, section: str, settings: dict) -> None:
+    """Overwrite `section` of the manifest (atomically, under the lock): for a recorded fact that may change
+    without making the cache another one, such as where the corpus lies."""
+    cache_dir = pathlib.Path(cache_dir)
+    settings = json.loads(to_json(settings, f"settings of section {section!r}"))
+    with _manifest_lock(cache_dir):
+        manifest = read_manifest(cache_dir)
+        manifest[section] = settings
+        atomic_write_json(cache_dir / MANIFEST, manifest)
+
+
 def write_records(cache_dir, records: list[dict]) -> None:
     """Write `records` (one JSON object each, e.g. an Utterance as a dict) to records.jsonl atomically."""
     lines = [to_json(r, f"record {i} for {RECORDS}") for i, r in enumerate(records)]

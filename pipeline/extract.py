@@ -19,8 +19,8 @@ from tqdm import tqdm
 
 from cache.index import build_index
 from cache.manifest import (AUDIO_STORE, RECORDS, SPEAKER_CMVN, CacheMismatchError, atomic_write_json,
-                            claim_section, read_manifest, read_records, record_stage_failures, settings_diff,
-                            write_records)
+                            claim_section, read_manifest, read_records, record_stage_failures, replace_section,
+                            settings_diff, write_records)
 from cache.reader import StoreReader
 from cache.store import (FAILURES_DIR, FORMATS, STORE_JSON, check_shard, completed_parts, part_path,
                          plan_parts, recorded_failures, remove_leftovers, shard_parts, store_settings_diff)
@@ -101,6 +101,7 @@ class ExtractSummary:
     seconds: float = 0.0         # the whole run
     indexed: int | None = None   # utterances in the index, when this run built it
     missing_parts: list[int] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)   # e.g. the corpus moved
 
     @property
     def failures_total(self) -> int:
@@ -110,7 +111,7 @@ class ExtractSummary:
         i, n = self.shard
         out = [f"extract-audio: {self.utterances} utterances in {self.parts} parts"
                f"{f', shard {i}/{n}' if n > 1 else ''}; this run wrote {self.parts_done} parts, "
-               f"{self.parts_skipped} were already complete"]
+               f"{self.parts_skipped} were already complete", *self.notes]
         if self.parts_done:
             per_s = 1 / self.work_seconds if self.work_seconds else 0.0
             out.append(f"utterances: {self.written} written, {self.failed} failed; "
@@ -160,36 +161,51 @@ def corpus_digest(corpus: Corpus) -> str:
     return hashlib.sha1("".join(u.utt_id + "\n" for u in corpus.utterances).encode("utf-8")).hexdigest()
 
 
-def _check_cache(cfg: ExtractConfig, corpus: Corpus, recipe) -> None:
+def _check_cache(cfg: ExtractConfig, corpus: Corpus, recipe) -> list[str]:
     """Records corpus, splits, records.jsonl and the feature settings in the cache, or refuses (before any
-    work) a cache made with other settings, naming every setting that differs."""
+    work) a cache made with other settings, naming every setting that differs. A corpus that moved (the same
+    utterances in the same order under another root) is followed: records.jsonl gets its new paths. Returns
+    notes for the summary."""
     sections = {
         "corpus": {"kind": corpus.kind, "root": corpus.root, "utterances": len(corpus.utterances),
                    "splits": corpus.split_counts(), "ids_sha1": corpus_digest(corpus)},
         "audio": {"format": cfg.fmt, "features": recipe.to_dict(), "part_size": cfg.part_size},
     }
     manifest = read_manifest(cfg.cache)
-    diffs = [line for name, settings in sections.items() if name in manifest
-             for line in settings_diff(manifest[name], settings, name)]
+    recorded = dict(manifest)
+    moved_from = manifest.get("corpus", {}).get("root", corpus.root)
+    if moved_from != corpus.root:   # where it lies is not what it is: compare the rest
+        recorded["corpus"] = {**manifest["corpus"], "root": corpus.root}
+    diffs = [line for name, settings in sections.items() if name in recorded
+             for line in settings_diff(recorded[name], settings, name)]
     store = cfg.cache / AUDIO_STORE
     if not diffs:  # e.g. other versions, which PartWriter would refuse
         diffs = store_settings_diff(store, cfg.fmt, recipe.dims, STORE_DTYPE, store_attrs(recipe),
                                     f"{AUDIO_STORE}/{STORE_JSON}")
     if diffs:
+        if moved_from != corpus.root:   # another corpus, not only another place
+            diffs = settings_diff({"root": moved_from}, {"root": corpus.root}, "corpus") + diffs
         lines = "\n  ".join(diffs)
         raise CacheMismatchError(
             f"cache {cfg.cache} was made with other settings than requested:\n  {lines}\nFix: pass the "
             f"settings it was made with (see {cfg.cache / 'cache.json'}), use another --cache folder, or "
             f"delete {store} and the 'audio' section of cache.json to compute the features again")
+    notes = []
+    if moved_from != corpus.root:   # records first: a run killed in between moves it again
+        write_records(cfg.cache, [u.to_dict() for u in corpus.utterances])
+        replace_section(cfg.cache, "corpus", sections["corpus"])
+        notes.append(f"corpus moved from {moved_from} to {corpus.root} (the same {len(corpus.utterances)} "
+                     f"utterances): {RECORDS} now names the files there")
     if cfg.index_only:
         if "audio" not in manifest:
             raise FileNotFoundError(f"{cfg.cache}: no audio features to index; --index-only follows "
                                     "`extract-audio --shard I/N` jobs on this cache: run those first")
-        return
+        return notes
     for name, settings in sections.items():
         claim_section(cfg.cache, name, settings)
     if not (cfg.cache / RECORDS).is_file():  # the claimed ids_sha1 vouches for one that is there
         write_records(cfg.cache, [u.to_dict() for u in corpus.utterances])
+    return notes
 
 
 # ---- the stage ----
@@ -200,11 +216,11 @@ def extract_audio(cfg: ExtractConfig) -> ExtractSummary:
     started = time.perf_counter()
     recipe = get_recipe(cfg.recipe, **dict(cfg.recipe_options))
     corpus = read_corpus(cfg.data)
-    _check_cache(cfg, corpus, recipe)
+    notes = _check_cache(cfg, corpus, recipe)
     store = cfg.cache / AUDIO_STORE
     plan = plan_parts(len(corpus.utterances), cfg.part_size)
     summary = ExtractSummary(cache=cfg.cache, utterances=len(corpus.utterances), parts=len(plan),
-                             shard=cfg.shard, workers=cfg.workers)
+                             shard=cfg.shard, workers=cfg.workers, notes=notes)
     done = completed_parts(store)
     if cfg.index_only:
         missing = [part_path(store, k, cfg.fmt).name for k in range(len(plan)) if k not in done]

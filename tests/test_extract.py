@@ -221,6 +221,28 @@ def test_shards_write_one_cache_that_equals_a_single_run(tmp_path, corpus, cache
     assert_same_cache(cache, caches("hdf5"))
 
 
+def test_a_corpus_moved_between_runs_is_followed(tmp_path, corpus, caches):
+    """A killed (here: half-sharded) run finishes on the corpus copied elsewhere, e.g. to local disk; the
+    cache then names the files at the new place (the report links them). Another corpus is still refused."""
+    cache, moved = tmp_path / "cache", tmp_path / "scratch" / "corpus"
+    run(corpus, cache, shard=(0, 2))
+    shutil.copytree(corpus, moved)
+    second = run(moved, cache, shard=(1, 2))
+    assert second.indexed == 5 * IMAGES
+    assert f"corpus moved from {corpus} to {moved} (the same {5 * IMAGES} utterances)" in "\n".join(second.lines())
+    assert_same_cache(cache, caches("hdf5"))
+    assert json.loads((cache / "cache.json").read_text())["corpus"]["root"] == str(moved)
+    records = read_records(cache)
+    assert len(records) == 5 * IMAGES and all(r["audio_path"].startswith(str(moved)) for r in records)
+    assert all(Path(r["image_path"]).is_file() for r in records)
+
+    other = write_tiny_flickr(tmp_path / "other", images=IMAGES - 1)
+    code, out = cli("--data", str(other), "--cache", str(cache), "--part-size", str(PART))
+    assert code == 1 and f'corpus.root: cache has "{moved}", requested "{other}"' in out
+    assert "corpus.ids_sha1" in out and "Traceback" not in out
+    assert json.loads((cache / "cache.json").read_text())["corpus"]["root"] == str(moved)
+
+
 # ---- bad input files ----
 
 def spoil(corpus: Path) -> dict[str, str]:
