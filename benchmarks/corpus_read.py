@@ -8,8 +8,8 @@ cyclic garbage collector running (how it read before), and against json.loads of
 
 The metadata is written in SpokenCOCO's layout (SpokenCOCO_{train,val,test}_karpathy.json, 5 captions an
 image with uttid, speaker, wav and text); no audio or image files are made, so the readers run with
-check_files=False and the figures leave out the file-existence checks (one stat per file, which depends on
-the file system). Figures are the best of --repeats wall-clock rounds, the ways alternating.
+check_files=False and the figures leave out the file-existence checks (benchmarks/corpus_check.py times
+those). Figures are the best of --repeats wall-clock rounds, the ways alternating.
 """
 from __future__ import annotations
 

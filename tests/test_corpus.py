@@ -166,6 +166,67 @@ def test_reading_a_corpus_leaves_the_garbage_collector_as_it_was(tmp_path):
     assert gc.isenabled()
 
 
+def _tree_of_files(root: Path) -> list[str]:
+    """Paths a corpus may name: present, missing, a symlink to a file, a dangling symlink, a folder with a
+    file's name, files under a missing folder and under a file, in folders above and below LISTED_FROM."""
+    from pipeline.corpus import LISTED_FROM
+    many, few = root / "wavs", root / "few"
+    many.mkdir()
+    few.mkdir()
+    names = [f"{i}.wav" for i in range(LISTED_FROM + 8)]
+    for name in names[:-3]:
+        (many / name).write_bytes(b"")
+    (few / "here.wav").write_bytes(b"")
+    (many / "link.wav").symlink_to(many / "0.wav")
+    (many / "dangling.wav").symlink_to(many / "gone.wav")
+    (many / "folder.wav").mkdir()
+    (root / "file").write_bytes(b"")
+    paths = [str(many / n) for n in names + ["link.wav", "dangling.wav", "folder.wav", "gone.wav"]]
+    paths += [str(few / "here.wav"), str(few / "gone.wav"), str(root / "file")]
+    paths += [str(root / "nowhere" / n) for n in names] + [str(root / "file" / n) for n in names]
+    return paths + [str(many / ".." / "wavs" / "1.wav"), str(many) + "/", "relative.wav"]
+
+
+def test_files_are_found_present_or_missing_as_isfile_finds_them(tmp_path):
+    """The corpus check lists big folders instead of asking for each file (a round trip apiece on NFS or
+    Lustre); it must say what os.path.isfile says of every path."""
+    import os
+    from pipeline.corpus import existing_files
+    paths = _tree_of_files(tmp_path)
+    assert existing_files(paths) == {p for p in paths if os.path.isfile(p)}
+
+
+def test_a_folder_of_many_corpus_files_is_listed_not_stated_file_by_file(tmp_path, monkeypatch):
+    import os
+    from pipeline import corpus as corpus_module
+    folder = f"{tmp_path / 'wavs'}/"
+    paths = [p for p in _tree_of_files(tmp_path)
+             if p.startswith(folder) and not any(s in p for s in ("..", "link", "dangling"))]
+    asked = []
+    isfile = os.path.isfile
+    monkeypatch.setattr(os.path, "isfile", lambda p: asked.append(p) or isfile(p))
+    present = corpus_module.existing_files(paths)
+    assert len(present) == corpus_module.LISTED_FROM + 5
+    assert sorted(asked) == sorted(p for p in paths if p not in present)   # only the misses are asked about
+
+
+def test_missing_files_of_a_corpus_are_reported_with_their_paths(tmp_path):
+    from pipeline.corpus import LISTED_FROM
+    lines = []
+    for i in range(LISTED_FROM + 2):
+        if i != 3:
+            wav(tmp_path / "wavs" / f"{i}.wav")
+        lines.append({"audio": f"wavs/{i}.wav", "image": f"img/{i % 2}.jpg", "caption": "a dog", "split": "train"})
+    (tmp_path / "img").mkdir()
+    (tmp_path / "img" / "0.jpg").write_bytes(b"")
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    report = read_jsonl(tmp_path / "m.jsonl").report
+    text = "\n".join(report.lines())
+    assert "missing audio file" in text and str(tmp_path / "wavs" / "3.wav") in text
+    assert "missing image file" in text and str(tmp_path / "img" / "1.jpg") in text
+    assert str(tmp_path / "img" / "0.jpg") not in text
+
+
 def test_jsonl_manifest(tmp_path):
     wav(tmp_path / "a" / "one.wav")
     wav(tmp_path / "a" / "two.wav")
