@@ -1,4 +1,5 @@
 """Retrieval and keyword-spotting metrics against brute-force loops, scikit-learn and hand-made rankings."""
+import itertools
 import math
 
 import numpy as np
@@ -6,9 +7,9 @@ import pytest
 import torch
 from sklearn.metrics import average_precision_score, roc_curve
 
-from trainer.metrics import (RETRIEVAL_PAIRS, average_precision, chance_recall, first_positive_ranks,
-                             keyword_chance, keyword_relevance, keyword_spotting, recall_summary,
-                             retrieval_chance, six_way_retrieval)
+from trainer.metrics import (RETRIEVAL_PAIRS, Ranks, average_precision, chance_recall, keyword_chance,
+                             keyword_relevance, keyword_spotting, positive_ranks, recall_summary, retrieval_chance,
+                             six_way_retrieval)
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -69,7 +70,7 @@ def test_six_way_matches_brute_force(seed, device):
     assert set(result) == set(RETRIEVAL_PAIRS)
     for pair, (queries, candidates, q_keys, c_keys) in pair_inputs(d).items():
         ranks, recalls = brute_force(queries, candidates, q_keys, c_keys)
-        np.testing.assert_array_equal(first_positive_ranks(queries, candidates, q_keys, c_keys), ranks)
+        np.testing.assert_array_equal(positive_ranks(queries, candidates, q_keys, c_keys).expected(), ranks)
         for key, value in recalls.items():
             assert result[pair][key] == pytest.approx(value), (pair, key)
         assert result[pair]["median_rank"] == pytest.approx(np.median(ranks))
@@ -81,8 +82,8 @@ def test_image_queries_hit_with_any_caption():
     # The image's 2nd caption is nearest, its 1st is last: image->text must count a hit at rank 1.
     image = np.array([[1.0, 0.0], [0.0, 1.0]])
     text = np.array([[-1.0, 0.1], [1.0, 0.05], [0.0, 1.0]])
-    ranks = first_positive_ranks(image, text, ["a", "b"], ["a", "a", "b"])
-    np.testing.assert_array_equal(ranks, [1, 1])
+    ranks = positive_ranks(image, text, ["a", "b"], ["a", "a", "b"])
+    np.testing.assert_array_equal(ranks.expected(), [1, 1])
 
 
 def test_chunking_does_not_change_results():
@@ -91,8 +92,8 @@ def test_chunking_does_not_change_results():
     assert six_way_retrieval(**d, chunk=1) == one
     assert six_way_retrieval(**d, chunk=4) == one
     q, c, qk, ck = pair_inputs(d)["image_to_audio"]
-    np.testing.assert_array_equal(first_positive_ranks(q, c, qk, ck, chunk=2),
-                                  first_positive_ranks(q, c, qk, ck, chunk=len(q)))
+    for got, want in zip(positive_ranks(q, c, qk, ck, chunk=2), positive_ranks(q, c, qk, ck, chunk=len(q))):
+        np.testing.assert_array_equal(got, want)
 
 
 def test_torch_inputs_give_the_same_result():
@@ -101,15 +102,51 @@ def test_torch_inputs_give_the_same_result():
     assert six_way_retrieval(**as_torch) == six_way_retrieval(**d)
 
 
-def test_ties_are_counted_optimistically():
-    candidates = np.array([[1.0, 0.0], [2.0, 0.0], [0.0, 1.0]])  # rows 0 and 1 tie after normalisation
-    ranks = first_positive_ranks(np.array([[1.0, 0.0]]), candidates, ["b"], ["a", "b", "c"])
-    np.testing.assert_array_equal(ranks, [1])
+def by_every_order(above, tied, tied_positives, ks=(1, 2, 3, 5, 10)):
+    """R@k and the mean rank over every order the tied candidates may come in (the reference for ties)."""
+    group = ["-"] * tied + ["+"] * tied_positives
+    orders = list(itertools.permutations(range(len(group))))
+    firsts = [above + 1 + min(pos for pos, item in enumerate(order) if group[item] == "+") for order in orders]
+    return {k: np.mean([f <= k for f in firsts]) for k in ks}, np.mean(firsts)
+
+
+@pytest.mark.parametrize("above,tied,tied_positives", [(0, 0, 1), (3, 0, 1), (0, 4, 1), (1, 3, 2), (2, 2, 3),
+                                                       (9, 1, 1), (0, 1, 5), (12, 2, 1)])
+def test_ties_fall_every_way_with_equal_chance(above, tied, tied_positives):
+    """A query whose best positive ties with other candidates scores what a random order of the tie gives on
+    average, so that neither the candidates' order nor a collapsed encoder decides the figures."""
+    ranks = Ranks(np.array([above]), np.array([tied]), np.array([tied_positives]))
+    hit_rates, mean_rank = by_every_order(above, tied, tied_positives)
+    for k, rate in hit_rates.items():
+        assert ranks.hit_rate(k)[0] == pytest.approx(rate), k
+    assert ranks.expected()[0] == pytest.approx(mean_rank)
+
+
+def test_ties_are_counted_from_the_similarities():
+    candidates = np.array([[1.0, 0.0], [2.0, 0.0], [0.0, 1.0], [1.0, 1.0]])  # rows 0 and 1 tie once normalised
+    ranks = positive_ranks(np.array([[1.0, 0.0]]), candidates, ["b"], ["a", "b", "c", "a"])
+    assert [r.tolist() for r in ranks] == [[0], [1], [1]]
+    ranks = positive_ranks(np.array([[1.0, 0.0]]), candidates, ["b"], ["b", "b", "c", "d"])
+    assert [r.tolist() for r in ranks] == [[0], [0], [2]]
+    assert recall_summary(positive_ranks(np.array([[1.0, 0.0]]), candidates, ["b"], ["a", "b", "c", "a"]))["R@1"] \
+        == pytest.approx(50)
+
+
+def test_an_encoder_that_maps_every_utterance_to_one_point_scores_chance():
+    """Were ties counted for the query, such an encoder would score R@10 100 as image->audio (and be kept as
+    the best checkpoint by --best-metric image_to_audio_R@10); counted against it, 0."""
+    d = toy_split(0, n_images=30)
+    d["audio"] = np.ones_like(d["audio"])
+    r = six_way_retrieval(**d)
+    chance = retrieval_chance(d["audio_image_ids"], len(d["image_ids"]), d["text_image_ids"], ks=(1, 5, 10))
+    for pair in ("image_to_audio", "text_to_audio"):
+        for k in (1, 5, 10):
+            assert r[pair][f"R@{k}"] == pytest.approx(chance[pair][k]), (pair, k)
 
 
 def test_query_without_positive_raises_naming_it():
     with pytest.raises(ValueError, match="'lost'"):
-        first_positive_ranks(np.eye(2), np.eye(2), ["a", "lost"], ["a", "b"])
+        positive_ranks(np.eye(2), np.eye(2), ["a", "lost"], ["a", "b"])
     d = toy_split(0)
     d["audio_image_ids"] = ["missing-image"] + d["audio_image_ids"][1:]
     with pytest.raises(ValueError, match="missing-image"):
@@ -254,3 +291,25 @@ def test_keyword_relevance_is_whole_word_case_insensitive():
     assert keyword_chance(rel) == pytest.approx(100 * np.mean([3 / 5, 1 / 5, 2 / 5, 1 / 5]))
     with pytest.raises(ValueError, match="no letters"):
         keyword_relevance(["x"], ["--"])
+
+
+def test_validation_runs_on_a_corpus_where_speakers_share_a_caption():
+    """A JSONL corpus may give several utterances one caption_id (one caption read by several speakers):
+    the figures that training logs at each validation must come out, equal to evaluate's for the same pairs."""
+    from trainer.data import SplitData
+    from trainer.evaluate import dev_metrics, embed_audio
+    from trainer.model import CnnTransformer, get_preset
+    torch.manual_seed(0)
+    n, frames, dim = 6, 50, 128
+    captions = ["a#0", "a#0", "a#1", "b#0", "b#0", "b#1"]
+    data = SplitData("dev", [f"u{i}" for i in range(n)], captions, ["a dog"] * n, ["s"] * n,
+                     torch.randn(n * frames, 39).half(), torch.arange(n + 1) * frames, torch.full((n,), frames),
+                     torch.tensor([0, 0, 0, 1, 1, 1]), ["a", "b"], torch.randn(2, dim), torch.randn(n, dim))
+    model = CnnTransformer(get_preset("demo"))
+    logged = dev_metrics(model, data, None, 4, 2048)
+    audio = embed_audio(model, data, 4, 2048)
+    image_ids = ["a", "a", "a", "b", "b", "b"]
+    full = six_way_retrieval(audio, image_ids, [f"u{i}" for i in range(n)], data.images, data.image_ids,
+                             data.texts, [f"u{i}" for i in range(n)], image_ids)
+    assert logged == {f"{pair}_{k}": full[pair][k] for pair in ("audio_to_image", "image_to_audio")
+                      for k in ("R@1", "R@5", "R@10")}

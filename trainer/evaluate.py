@@ -13,7 +13,8 @@ import torch
 from cache.manifest import TEXT_STORE, atomic_write_json, read_manifest, read_records, read_utf8
 from cache.reader import StoreReader
 from trainer.data import SplitData, load_keywords, load_split
-from trainer.metrics import keyword_chance, keyword_relevance, keyword_spotting, retrieval_chance, six_way_retrieval
+from trainer.metrics import (keyword_chance, keyword_relevance, keyword_spotting, positive_ranks, recall_summary,
+                             retrieval_chance, six_way_retrieval)
 from trainer.precision import autocast, pick_device
 
 log = logging.getLogger(__name__)
@@ -42,15 +43,16 @@ def embed_audio(model, data: SplitData, batch_size: int = 256, max_frames: int =
 
 
 def dev_metrics(model, data: SplitData, keywords: tuple | None, batch_size: int, max_frames: int) -> dict:
-    """The validation figures logged during training: audio<->image R@1/5/10 and keyword mAP."""
+    """The validation figures logged during training: audio<->image R@1/5/10 and keyword mAP. Only those two
+    pairs are ranked (the text pairs are evaluate's: a corpus may have several utterances of one caption)."""
     audio = embed_audio(model, data, batch_size, max_frames)
     image_ids = [data.image_ids[i] for i in data.image_index.tolist()]
     out = {}
-    r = six_way_retrieval(audio, image_ids, data.caption_ids, data.images, data.image_ids,
-                          data.texts, data.caption_ids, image_ids)
-    for pair in ("audio_to_image", "image_to_audio"):
+    for pair, ranks in (("audio_to_image", positive_ranks(audio, data.images, image_ids, data.image_ids)),
+                        ("image_to_audio", positive_ranks(data.images, audio, data.image_ids, image_ids))):
+        r = recall_summary(ranks)
         for k in ("R@1", "R@5", "R@10"):
-            out[f"{pair}_{k}"] = r[pair][k]
+            out[f"{pair}_{k}"] = r[k]
     if keywords is not None:
         words, emb, _ = keywords
         out["keyword_mAP"] = keyword_spotting(audio, emb, data.transcripts, words)["mAP"]

@@ -5,7 +5,7 @@ Similarities are computed chunk by chunk so SpokenCOCO-sized splits fit in memor
 import math
 import re
 from collections import Counter
-from typing import Hashable, Sequence
+from typing import Hashable, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -34,15 +34,44 @@ def _codes(query_keys: Sequence[Hashable], candidate_keys: Sequence[Hashable]) -
     return q, c
 
 
-def first_positive_ranks(queries: ArrayLike, candidates: ArrayLike, query_keys: Sequence[Hashable],
-                         candidate_keys: Sequence[Hashable], chunk: int = 1024,
-                         device: torch.device | str | None = None) -> np.ndarray:
-    """1-based rank of the best-ranked positive candidate of each query, by cosine similarity.
+class Ranks(NamedTuple):
+    """Where each query's best-ranked positive lands, int64 [Q] each: `above` negatives score higher than it,
+    `tied` negatives score the same, and `tied_positives` positives (itself included) score the same. A tie
+    is broken at random, in expectation: an encoder that gives every utterance one embedding scores chance,
+    and identical captions of two images count as half a hit at R@1 each, not a whole (or none)."""
+    above: np.ndarray
+    tied: np.ndarray
+    tied_positives: np.ndarray
+
+    def expected(self) -> np.ndarray:
+        """float64 [Q] expected 1-based rank: the tied negatives before the first of the tied positives in a
+        random order number tied / (tied_positives + 1) on average."""
+        return self.above + 1.0 + self.tied / (self.tied_positives + 1.0)
+
+    def hit_rate(self, k: int) -> np.ndarray:
+        """float64 [Q]: the probability that a positive is in the top k (1 or 0 where nothing ties)."""
+        return _hit_probability(self.tied + self.tied_positives, self.tied_positives, k - self.above)
+
+
+def _hit_probability(n: ArrayLike, positives: ArrayLike, slots: ArrayLike) -> np.ndarray:
+    """P(at least one of `positives` among the first `slots` of `n` items in random order), elementwise:
+    1 - C(n - positives, slots) / C(n, slots); 0 where slots <= 0."""
+    n, positives, slots = np.broadcast_arrays(*(np.asarray(a, dtype=np.float64) for a in (n, positives, slots)))
+    i = np.arange(int(np.minimum(slots, n).max(initial=0)), dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):   # i >= n only where the factor is not used
+        factors = np.clip((n[..., None] - positives[..., None] - i) / (n[..., None] - i), 0.0, None)
+    miss = np.prod(np.where(i < np.minimum(slots, n)[..., None], factors, 1.0), axis=-1)
+    return np.where(slots > 0, 1.0 - miss, 0.0)
+
+
+def positive_ranks(queries: ArrayLike, candidates: ArrayLike, query_keys: Sequence[Hashable],
+                   candidate_keys: Sequence[Hashable], chunk: int = 1024,
+                   device: torch.device | str | None = None) -> Ranks:
+    """Where the best-ranked positive candidate of each query lands, by cosine similarity (see Ranks).
 
     queries [Q, E], candidates [C, E] (normalised here); a candidate is a positive of a query when their
-    keys are equal. Ties are counted optimistically: rank = 1 + number of candidates whose similarity is
-    strictly greater than the best positive's. At most `chunk` x C similarities exist at once.
-    Returns int64 [Q]. Raises ValueError naming the queries that have no positive.
+    keys are equal. At most `chunk` x C similarities exist at once. Raises ValueError naming the queries
+    that have no positive.
     """
     if len(query_keys) != len(queries) or len(candidate_keys) != len(candidates):
         raise ValueError(f"keys and embeddings differ in length: {len(query_keys)} query keys for "
@@ -52,7 +81,7 @@ def first_positive_ranks(queries: ArrayLike, candidates: ArrayLike, query_keys: 
         raise ValueError(f"chunk must be >= 1, got {chunk}")
     q_codes, c_codes = _codes(query_keys, candidate_keys)
     if len(q_codes) == 0:
-        return np.zeros(0, dtype=np.int64)
+        return Ranks(*(np.zeros(0, dtype=np.int64) for _ in range(3)))
     orphans = np.flatnonzero(~np.isin(q_codes, c_codes))
     if orphans.size:
         named = ", ".join(f"#{i} ({query_keys[i]!r})" for i in orphans[:5])
@@ -69,7 +98,7 @@ def first_positive_ranks(queries: ArrayLike, candidates: ArrayLike, query_keys: 
     by_key = np.argsort(c_codes, kind="stable")
     n_with = np.bincount(c_codes, minlength=int(q_codes.max()) + 1)
     first = np.concatenate([[0], np.cumsum(n_with)[:-1]])
-    ranks = torch.empty(len(q), dtype=torch.int64, device=device)
+    counts = torch.empty((3, len(q)), dtype=torch.int64, device=device)   # above, tied, tied_positives
     for start in range(0, len(q), chunk):
         codes = q_codes[start:start + chunk]
         slots = np.arange(n_with[codes].max())
@@ -77,18 +106,25 @@ def first_positive_ranks(queries: ArrayLike, candidates: ArrayLike, query_keys: 
         positives = by_key[np.where(valid, first[codes][:, None] + slots[None, :], 0)]
         sims = q[start:start + chunk] @ c.T                                  # [chunk, C]
         # The best positive is read from the same sims matrix, so it never outranks itself by rounding.
-        best = sims.gather(1, torch.from_numpy(positives).to(device))
-        best = best.masked_fill(~torch.from_numpy(valid).to(device), -math.inf).amax(dim=1, keepdim=True)
-        ranks[start:start + chunk] = (sims > best).sum(dim=1) + 1
-    return ranks.cpu().numpy()
+        valid_t = torch.from_numpy(valid).to(device)
+        at_positives = sims.gather(1, torch.from_numpy(positives).to(device))
+        best = at_positives.masked_fill(~valid_t, -math.inf).amax(dim=1, keepdim=True)
+        tied_positives = ((at_positives == best) & valid_t).sum(dim=1)   # the best one among them
+        counts[0, start:start + chunk] = (sims > best).sum(dim=1)
+        counts[1, start:start + chunk] = (sims == best).sum(dim=1) - tied_positives
+        counts[2, start:start + chunk] = tied_positives
+    return Ranks(*counts.cpu().numpy())
 
 
-def recall_summary(ranks: Sequence[int] | np.ndarray, ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
-    """Ranks [Q] (1-based) -> {"R@k" (percent of queries with rank <= k), "median_rank", "mean_rank"}."""
-    r = np.asarray(ranks)
+def recall_summary(ranks: Ranks | Sequence[int] | np.ndarray, ks: Sequence[int] = (1, 5, 10)
+                   ) -> dict[str, float]:
+    """Ranks (or plain 1-based ranks [Q]) -> {"R@k" (percent of queries with a hit in the top k, expected
+    over the ways ties may fall), "median_rank", "mean_rank" (of the expected ranks)}."""
+    r = ranks.expected() if isinstance(ranks, Ranks) else np.asarray(ranks)
     if r.size == 0:
         raise ValueError("recall_summary got no ranks: there were no queries to evaluate")
-    out = {f"R@{k}": float(100.0 * np.mean(r <= k)) for k in ks}
+    hits = ranks.hit_rate if isinstance(ranks, Ranks) else (lambda k: r <= k)
+    out = {f"R@{k}": float(100.0 * np.mean(hits(k))) for k in ks}
     out["median_rank"] = float(np.median(r))
     out["mean_rank"] = float(np.mean(r))
     return out
@@ -103,10 +139,7 @@ def chance_recall(n_candidates: int, n_positives_per_query: int | Sequence[int] 
     m = np.atleast_1d(np.asarray(n_positives_per_query, dtype=np.float64))
     if np.any(m < 1) or np.any(m > n_candidates):
         raise ValueError(f"positives per query must lie in 1..{n_candidates}, got {m.min()}..{m.max()}")
-    i = np.arange(min(k, n_candidates), dtype=np.float64)
-    # C(n-m, k) / C(n, k) = prod_i (n-m-i) / (n-i); a non-positive factor means a hit is certain.
-    miss = np.prod(np.clip((n_candidates - m[:, None] - i) / (n_candidates - i), 0.0, None), axis=1)
-    return float(100.0 * np.mean(1.0 - miss))
+    return float(100.0 * np.mean(_hit_probability(n_candidates, m, k)))
 
 
 def retrieval_chance(audio_image_ids: Sequence[Hashable], n_images: int,
@@ -173,7 +206,7 @@ def six_way_retrieval(audio: ArrayLike, audio_image_ids: Sequence[Hashable],
     }
     results = {}
     for pair, (queries, candidates, q_keys, c_keys) in jobs.items():
-        ranks = first_positive_ranks(queries, candidates, list(q_keys), list(c_keys), chunk, device)
+        ranks = positive_ranks(queries, candidates, list(q_keys), list(c_keys), chunk, device)
         results[pair] = recall_summary(ranks) | {"n_queries": len(queries), "n_candidates": len(candidates)}
     return results
 
