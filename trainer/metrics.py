@@ -309,7 +309,8 @@ def keyword_spotting(audio: ArrayLike, keyword_emb: ArrayLike, transcripts: Sequ
     (over the flattened utterance x keyword matrix), "P@10", "P@N" (N = number of relevant utterances),
     "EER", plus "n_keywords" (how many were scored) and "per_keyword": {word: {"AP", "P@10", "P@N",
     "EER", "n_relevant"}}. Keywords with no relevant utterance get n_relevant 0 and NaN figures and are
-    left out of every summary, micro_AP included. P@10 divides by min(10, N); ties in P@k follow
+    left out of the means; micro_AP keeps them, as the whole matrix's negatives (REFERENCE.md §3;
+    scikit-learn's average="micro"). P@10 divides by min(10, N); ties in P@k follow
     utterance order; EER is NaN for a keyword present in every utterance and then left out of "EER".
     """
     if len(transcripts) != len(audio) or len(audio) == 0:
@@ -346,7 +347,7 @@ def keyword_spotting(audio: ArrayLike, keyword_emb: ArrayLike, transcripts: Sequ
     if not mask.any():
         summary = {key: float("nan") for key in KEYWORD_SUMMARY_KEYS}
     else:
-        micro = average_precision(scores[:, scored].reshape(-1), relevance[:, scored].reshape(-1))
+        micro = average_precision(scores.reshape(-1), relevance.reshape(-1))
         finite_eer = eer[mask][np.isfinite(eer[mask])]
         summary = {"mAP": 100.0 * float(ap[mask].mean()),
                    "micro_AP": 100.0 * float(micro[0]),
