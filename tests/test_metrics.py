@@ -280,6 +280,28 @@ def test_all_tied_scores_are_chance():
     transcripts = ["dog"] * 3 + ["cat"] * 9
     result = keyword_spotting(np.ones((12, 2)), np.array([[1.0, 0.0]]), transcripts, ["dog"])
     assert result["EER"] == pytest.approx(50) and result["mAP"] == pytest.approx(25)
+    # not 30 and 100, which putting the tied "dog" utterances first (their order in the split) would give
+    assert result["P@10"] == pytest.approx(25) and result["P@N"] == pytest.approx(25)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_precision_at_k_over_ties_is_the_mean_over_every_order(seed):
+    """Utterances in runs of tied scores: P@k as the mean, over every order the runs' rows may come in, of
+    the precision of the top k of that order."""
+    rng = np.random.default_rng(seed)
+    n = 12
+    levels = rng.integers(0, 4, size=n)                   # 4 or fewer distinct scores: long runs of ties
+    labels = rng.random(n) < 0.4
+    labels[0] = True
+    angles = 0.1 + 0.2 * levels
+    transcripts = ["a dog" if y else "a cat" for y in labels]
+    result = keyword_spotting(np.stack([np.cos(angles), np.sin(angles)], axis=1), np.array([[1.0, 0.0]]),
+                              transcripts, ["dog"])
+    runs = [np.flatnonzero(levels == v) for v in sorted(set(levels.tolist()))]   # best score first
+    for name, k in (("P@10", 10), ("P@N", int(labels.sum()))):
+        precisions = [labels[list(itertools.chain(*orders))[:k]].mean()
+                      for orders in itertools.product(*(itertools.permutations(r) for r in runs))]
+        assert result[name] == pytest.approx(100 * np.mean(precisions)), name
 
 
 def test_keyword_relevance_is_whole_word_case_insensitive():

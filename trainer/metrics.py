@@ -264,6 +264,23 @@ def _ranked(scores: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, t
     return torch.cumsum(y, dim=0), group_end, y
 
 
+def _expected_hits(tp: torch.Tensor, group_end: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """float64 [K]: the relevant utterances among the top k[j] of column j (see _ranked), in expectation over
+    the orders a run of tied scores across the k-th place may come in: the run's relevant ones count by the
+    share of the run that lies within the top k."""
+    n = tp.shape[0]
+    rows = torch.arange(n, device=tp.device)[:, None].expand_as(tp)
+    starts = torch.ones_like(group_end)
+    starts[1:] = group_end[:-1]
+    first = torch.where(starts, rows, 0).cummax(dim=0).values          # the first row of each row's run
+    last = torch.where(group_end, rows, n).flip(0).cummin(dim=0).values.flip(0)   # and its last row
+    at = (k - 1)[None]
+    first, last = first.gather(0, at)[0], last.gather(0, at)[0]
+    before = torch.where(first > 0, tp.gather(0, (first - 1).clamp(min=0)[None])[0], torch.zeros_like(tp[0]))
+    in_run = tp.gather(0, last[None])[0] - before
+    return before + in_run * (k - first).double() / (last - first + 1).double()
+
+
 def average_precision(scores: ArrayLike, labels: ArrayLike) -> np.ndarray:
     """Non-interpolated AP of each column of scores [N, K] against bool labels [N, K], as fractions [K].
 
@@ -310,8 +327,9 @@ def keyword_spotting(audio: ArrayLike, keyword_emb: ArrayLike, transcripts: Sequ
     "EER", plus "n_keywords" (how many were scored) and "per_keyword": {word: {"AP", "P@10", "P@N",
     "EER", "n_relevant"}}. Keywords with no relevant utterance get n_relevant 0 and NaN figures and are
     left out of the means; micro_AP keeps them, as the whole matrix's negatives (REFERENCE.md §3;
-    scikit-learn's average="micro"). P@10 divides by min(10, N); ties in P@k follow
-    utterance order; EER is NaN for a keyword present in every utterance and then left out of "EER".
+    scikit-learn's average="micro"). P@10 divides by min(10, N); utterances that tie across the k-th place
+    count as a random order of them would, in expectation (as retrieval ties); EER is NaN for a keyword
+    present in every utterance and then left out of "EER".
     """
     if len(transcripts) != len(audio) or len(audio) == 0:
         raise ValueError(f"need one transcript per audio row and at least one row, got {len(audio)} audio "
@@ -331,8 +349,8 @@ def keyword_spotting(audio: ArrayLike, keyword_emb: ArrayLike, transcripts: Sequ
     ap = average_precision(scores, relevance)
     tp, group_end, _ = _ranked(scores, relevance)
     k10 = min(10, n)
-    p_at_10 = (tp[k10 - 1] / k10).cpu().numpy()
-    p_at_n = (tp.gather(0, (n_rel - 1).clamp(min=0)[None])[0] / n_rel.clamp(min=1)).cpu().numpy()
+    p_at_10 = (_expected_hits(tp, group_end, torch.full_like(n_rel, k10)) / k10).cpu().numpy()
+    p_at_n = (_expected_hits(tp, group_end, n_rel.clamp(min=1)) / n_rel.clamp(min=1)).cpu().numpy()
     eer = np.array([_equal_error_rate(tp[:, j], group_end[:, j]) for j in range(len(keywords))])
 
     per_keyword = {}
