@@ -9,7 +9,7 @@ import torch
 
 from cache.manifest import atomic_write_json
 from cache.store import PartWriter, failures_path
-from pipeline.audio import SAMPLE_RATE, AudioError, load_audio
+from pipeline.audio import AudioError, load_audio
 from pipeline.features import compute_batch, prepare
 from pipeline.recipes import get_recipe
 from pipeline.versions import versions
@@ -36,9 +36,9 @@ def decode_all(utts: list[dict], recipe, failures: list[dict]) -> tuple[list, fl
     for u in utts:
         path = u["audio_path"]
         try:
-            wave = load_audio(path)
+            wave = load_audio(path, recipe.sample_rate)   # resampled to the rate the recipe's frames assume
             decoded.append((u, prepare(recipe, wave, known_finite=True).numpy()))
-            seconds += len(wave) / SAMPLE_RATE
+            seconds += len(wave) / recipe.sample_rate
         except AudioError as err:
             failures.append(_failure(u, err.reason))
         except Exception as err:  # a decoder error nobody foresaw must not stop the other 599,999 utterances

@@ -271,6 +271,26 @@ def spoil(corpus: Path) -> dict[str, str]:
     return expected
 
 
+@pytest.mark.parametrize("rate", [8000, 22050])
+def test_a_recipe_at_another_sample_rate_gets_the_audio_resampled_to_it(tmp_path, rate):
+    """--option sample_rate=R: the frames are R's (10 ms shift at R Hz), so the audio must be decoded at R:
+    features as compute() gives for the wave resampled to R, the same number of frames as at 16 kHz."""
+    corpus = write_tiny_flickr(tmp_path / "corpus", images=1)
+    cache16, cache_r = tmp_path / "c16", tmp_path / "cr"
+    extract_audio(ExtractConfig(data=corpus, cache=cache16, workers=1, recipe="mfcc-kaldi", progress=False))
+    summary = extract_audio(ExtractConfig(data=corpus, cache=cache_r, workers=1, recipe="mfcc-kaldi",
+                                          recipe_options=(("sample_rate", rate),), progress=False))
+    feats16, offsets16, ids = load(cache16)
+    feats_r, offsets_r, ids_r = load(cache_r)
+    assert ids_r == ids and summary.written == len(ids)
+    assert np.abs(np.diff(offsets_r) - np.diff(offsets16)).max() <= 1
+    recipe = get_recipe("mfcc-kaldi", sample_rate=rate)
+    wav = corpus / "flickr_audio" / "wavs" / f"{ids[0]}.wav"
+    want = compute(recipe, load_audio(wav, rate)).numpy().astype(np.float16)
+    np.testing.assert_allclose(feats_r[offsets_r[0]:offsets_r[1]].astype(np.float32), want.astype(np.float32),
+                               atol=2e-2, rtol=1e-2)
+
+
 def test_bad_files_are_recorded_and_the_rest_continues(tmp_path):
     corpus = write_tiny_flickr(tmp_path / "corpus", images=5)
     expected = spoil(corpus)
