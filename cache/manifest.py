@@ -10,6 +10,8 @@ import fcntl
 import json
 import os
 import pathlib
+import shutil
+import stat
 import tempfile
 from typing import Any, Iterable, Iterator
 
@@ -50,11 +52,38 @@ def _read_umask() -> int:
 _UMASK = _read_umask()  # once, at import: os.umask can only be read by setting it
 
 
+def _streamed(path: pathlib.Path) -> bool:
+    """True for a path that must be written into rather than replaced: a pipe, a terminal or another device
+    (`--json /dev/stdout`, `--json >(jq .)`), or a file a shell opened for this process (/dev/fd/N,
+    /proc/self/fd/N), which a rename would take from under it."""
+    try:
+        mode = os.stat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    if stat.S_ISDIR(mode):
+        return False
+    return not stat.S_ISREG(mode) or str(path).startswith(("/dev/", "/proc/"))
+
+
 @contextlib.contextmanager
 def atomic_target(path) -> Iterator[pathlib.Path]:
     """Yields a temporary path beside `path` to write; on success it is fsynced and renamed to `path`
-    (`os.replace`), on an exception deleted. Readers see the old file or the new one, never half of one."""
+    (`os.replace`), on an exception deleted. Readers see the old file or the new one, never half of one.
+    A symlink is followed (the file it names is replaced; the link stays); a pipe or device gets the bytes
+    written into it once they are complete."""
     path = pathlib.Path(path)
+    if _streamed(path):
+        with tempfile.TemporaryDirectory(prefix="clipspeech-") as folder:
+            tmp = pathlib.Path(folder) / path.name
+            yield tmp
+            try:
+                with open(tmp, "rb") as src, open(path, "wb") as dst:
+                    shutil.copyfileobj(src, dst)
+            except OSError as e:
+                raise OSError(e.errno, f"{path}: {e.strerror}") from None
+        return
+    if path.is_symlink():
+        path = pathlib.Path(os.path.realpath(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{path.name}.tmp-")
     os.close(fd)

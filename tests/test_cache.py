@@ -7,6 +7,7 @@ import os
 import pathlib
 import pickle
 import re
+import stat
 import subprocess
 import sys
 import tarfile
@@ -569,6 +570,29 @@ def test_atomic_write_text_replaces_whole_file(tmp_path):
     plain = tmp_path / "plain.txt"
     plain.write_text("x")                      # what open() makes under this process's umask
     assert (tmp_path / "sub" / "f.txt").stat().st_mode & 0o777 == plain.stat().st_mode & 0o777  # not 0600
+
+
+def test_an_output_path_that_is_a_link_or_a_pipe_is_written_through(tmp_path):
+    """`--json link.json` updates the file the link names and keeps the link; `--json fifo` (or /dev/stdout
+    piped to jq) gets the bytes instead of being replaced by a regular file."""
+    import threading
+    target = tmp_path / "runs" / "target.json"
+    target.parent.mkdir()
+    target.write_text("old")
+    link = tmp_path / "link.json"
+    link.symlink_to(target)
+    atomic_write_text(link, "new")
+    assert link.is_symlink() and target.read_text() == "new"
+    assert sorted(os.listdir(target.parent)) == ["target.json"]
+    fifo = tmp_path / "fifo.json"
+    os.mkfifo(fifo)
+    got = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_text()))
+    reader.start()
+    atomic_write_text(fifo, "through the pipe")
+    reader.join(timeout=10)
+    assert got == ["through the pipe"] and stat.S_ISFIFO(os.lstat(fifo).st_mode)
+    assert sorted(os.listdir(tmp_path)) == ["fifo.json", "link.json", "runs"]
 
 
 def test_cache_package_does_not_import_torch():
