@@ -99,8 +99,11 @@ def info(data: Path) -> None:
 @click.option("--index-only", is_flag=True,
               help="Only build the index (and speaker statistics) over the parts the --shard jobs wrote; pass the "
                    "same options as those jobs. Exits non-zero, naming the missing parts, if some are not written.")
+@click.option("--retry-failed", is_flag=True,
+              help="Compute again the parts that recorded failures (CACHE/failures.jsonl), e.g. once the files "
+                   "are fixed; other complete parts are kept.")
 def extract_audio(data, cache, recipe, recipe_options, fmt, workers, shard, part_size, max_failures, device,
-                  index_only):
+                  index_only, retry_failed):
     """Decode every utterance once and store its features in CACHE/audio."""
     from pipeline.extract import ExtractConfig, TooManyFailures, WorkerDied, default_workers, extract_audio
     options = []
@@ -112,7 +115,7 @@ def extract_audio(data, cache, recipe, recipe_options, fmt, workers, shard, part
     cfg = _run(lambda: ExtractConfig(
         data=data, cache=cache, recipe=recipe, recipe_options=tuple(options), fmt=fmt,
         workers=workers or default_workers(), shard=shard, part_size=part_size, max_failures=max_failures,
-        batch_device=None if device == "cpu" else device, index_only=index_only))
+        batch_device=None if device == "cpu" else device, index_only=index_only, retry_failed=retry_failed))
     try:
         summary = _run(extract_audio, cfg)
     except (TooManyFailures, WorkerDied) as e:
@@ -157,8 +160,11 @@ def _parse_value(text: str):
 @click.option("--no-cuda-graph", is_flag=True,
               help="Run the image and text towers eagerly on a GPU instead of replaying each as one CUDA graph per "
                    "batch (same embeddings; a graph saves the host hundreds of kernel launches a batch).")
+@click.option("--retry-failed", is_flag=True,
+              help="Embed again the image parts that recorded failures (CACHE/failures.jsonl), e.g. once the "
+                   "images are fixed; other complete parts are kept.")
 def embed_images(data, cache, model, pretrained, device, batch_size, workers, keywords, prompt, shard, dtype,
-                 gpu_decode, no_draft, no_cuda_graph):
+                 gpu_decode, no_draft, no_cuda_graph, retry_failed):
     """Embed every image, written caption and keyword prompt with a frozen CLIP teacher."""
     from pipeline.embed import EmbedConfig, embed_images
     from pipeline.extract import default_workers
@@ -168,7 +174,7 @@ def embed_images(data, cache, model, pretrained, device, batch_size, workers, ke
         data=data, cache=cache, model=model, pretrained=None if pretrained.lower() == "none" else pretrained,
         device=device, batch_size=batch_size, workers=default_workers() if workers is None else workers,
         keywords=keywords, prompt=prompt, shard=shard, dtype=dtype, draft=not no_draft, gpu_decode=gpu_decode,
-        cuda_graph=not no_cuda_graph))
+        cuda_graph=not no_cuda_graph, retry_failed=retry_failed))
     click.echo("\n".join(_run(embed_images, cfg).lines()))
 
 

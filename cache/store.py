@@ -84,6 +84,21 @@ def remove_leftovers(store_dir, parts, fmt: str) -> None:
                 tmp.unlink(missing_ok=True)
 
 
+def reopen_failed_parts(store_dir, parts, fmt: str) -> list[int]:
+    """For --retry-failed: the parts among `parts` (complete ones) that recorded failures become missing
+    again, to be computed anew once their files are fixed; returns them. The store's index goes first, then
+    each part, then its failures file, so that a kill in between leaves parts to compute and no index (the
+    stage is unfinished), never an index of a part that is gone."""
+    failed = [k for k in sorted(parts) if recorded_failures(store_dir, [k])]
+    if failed:
+        for name in (INDEX_FILE[fmt], SIZES_JSON):
+            (pathlib.Path(store_dir) / name).unlink(missing_ok=True)
+        for k in failed:
+            part_path(store_dir, k, fmt).unlink(missing_ok=True)
+            failures_path(store_dir, k).unlink(missing_ok=True)
+    return failed
+
+
 def recorded_failures(store_dir, parts) -> list[dict]:
     """The failures recorded for `parts`, in part order (parts without a failures file have none)."""
     paths = [failures_path(store_dir, k) for k in sorted(parts)]

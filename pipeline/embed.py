@@ -19,11 +19,11 @@ import numpy as np
 import torch
 
 from cache.index import build_index
-from cache.manifest import (IMAGE_STORE, KEYWORD_STORE, TEXT_STORE, CacheMismatchError, atomic_write_json,
-                            claim_section, read_manifest, record_stage_failures, settings_diff)
+from cache.manifest import (IMAGE_STORE, KEYWORD_STORE, RECORDS, TEXT_STORE, CacheMismatchError, atomic_write_json,
+                            claim_section, read_manifest, read_records, record_stage_failures, settings_diff)
 from cache.store import (FAILURES_DIR, FORMATS, INDEX_FILE, PartWriter, check_shard, completed_parts,
                          failures_path, plan_parts, read_store_json, recorded_failures, remove_leftovers,
-                         shard_parts, store_settings_diff)
+                         reopen_failed_parts, shard_parts, store_settings_diff)
 from pipeline.corpus import read_corpus
 from pipeline.extract import check_device, corpus_digest, default_workers
 from pipeline.images import embed_image_files
@@ -55,6 +55,7 @@ class EmbedConfig:
     draft: bool = True                       # decode JPEGs at reduced size when the target is small
     gpu_decode: bool = False                 # decode JPEGs in batches on `device` (nvjpeg on cuda)
     cuda_graph: bool = True                  # on a GPU, each tower as one CUDA graph (towers.Tower)
+    retry_failed: bool = False               # embed the complete image parts that recorded failures again
     progress: bool = True
 
     def __post_init__(self):
@@ -84,6 +85,7 @@ class EmbedSummary:
     images_embedded: int = 0         # by this run
     images_failed: int = 0           # by this run
     parts_skipped: int = 0           # image and caption parts of this shard found complete
+    parts_retried: int = 0           # complete image parts with failures, embedded again (--retry-failed)
     captions_embedded: int = 0       # by this run
     seconds_images: float = 0.0
     seconds_captions: float = 0.0
@@ -95,7 +97,8 @@ class EmbedSummary:
         stores = ", ".join(f"{k} {'indexed' if v else 'waiting for other shards'}"
                            for k, v in self.indexed.items())
         return [f"images: {self.images_embedded} embedded now ({rate:.0f} img/s), {self.images_failed} "
-                f"failed, {self.images} in the corpus; {self.parts_skipped} parts already complete",
+                f"failed, {self.images} in the corpus; {self.parts_skipped} parts already complete"
+                f"{f', {self.parts_retried} embedded again for their failures' if self.parts_retried else ''}",
                 f"captions: {self.captions_embedded} embedded now ({text_rate:.0f} captions/s), "
                 f"{self.captions} in the corpus; keywords: {self.keywords}; {stores}"]
 
@@ -224,6 +227,17 @@ def _check_same_corpus(cfg: EmbedConfig, corpus, manifest: dict) -> None:
             f"{recorded.get('utterances')} utterances of {recorded.get('kind')} corpus {recorded.get('root')}, "
             f"this one has {len(corpus.utterances)} with other ids; pass that corpus as --data, or use "
             "another --cache folder for this one")
+    if recorded and (cfg.cache / RECORDS).is_file():
+        # the same utterances, but are they of the same images and captions? The trainer joins the audio to
+        # the embeddings by these ids (a JSONL manifest of Flickr8k's wavs gives them other caption ids)
+        for r, u in zip(read_records(cfg.cache), corpus.utterances):
+            if (r["image_id"], r["caption_id"]) != (u.image_id, u.caption_id):
+                raise CacheMismatchError(
+                    f"--data {cfg.data} gives utterance {u.utt_id} image {u.image_id!r} and caption "
+                    f"{u.caption_id!r}, but extract-audio's {cfg.cache / RECORDS} gives it image "
+                    f"{r['image_id']!r} and caption {r['caption_id']!r}: the trainer finds each utterance's "
+                    f"embeddings by these ids; pass the corpus extract-audio read ({recorded.get('root')}) as "
+                    "--data, or use another --cache folder for this one")
 
 
 def embed_images(cfg: EmbedConfig) -> EmbedSummary:
@@ -268,9 +282,10 @@ def embed_images(cfg: EmbedConfig) -> EmbedSummary:
 
 
 def _plan(cfg: EmbedConfig, fmt: str, store: Path, keys: list[str], attrs: dict,
-          dims: int) -> tuple[list[range], list[int], dict, int]:
-    """Parts of cfg.part_size items in corpus order, this shard's missing ones, the store's attrs and how many
-    of this shard's parts are complete already.
+          dims: int) -> tuple[list[range], list[int], dict, int, int]:
+    """Parts of cfg.part_size items in corpus order, this shard's missing ones, the store's attrs, how many
+    of this shard's parts are complete already and how many were made missing again (cfg.retry_failed: those
+    that recorded failures).
 
     The attrs name the planned keys (sha1), so a rerun on a changed corpus is refused instead of resuming
     parts planned for another list; leftovers of killed writers of the missing parts are removed.
@@ -285,9 +300,12 @@ def _plan(cfg: EmbedConfig, fmt: str, store: Path, keys: list[str], attrs: dict,
                                  f"\nFix: delete {store} to embed again, or use another --cache")
     done = completed_parts(store)
     mine = shard_parts(len(parts), cfg.shard)
+    retried = reopen_failed_parts(store, [k for k in mine if k in done], fmt) if cfg.retry_failed else []
+    if retried:
+        done = completed_parts(store)
     todo = [k for k in mine if k not in done]
     remove_leftovers(store, todo, fmt)   # only this shard's: other shards may be writing theirs right now
-    return parts, todo, attrs, len(mine) - len(todo)
+    return parts, todo, attrs, len(mine) - len(todo), len(retried)
 
 
 def _finish_store(store: Path, n_parts: int) -> bool:
@@ -348,7 +366,8 @@ def _embed_image_store(cfg, fmt, teacher: Teacher, images: list[tuple[str, str]]
     store = cfg.cache / IMAGE_STORE
     (store / FAILURES_DIR).mkdir(parents=True, exist_ok=True)
     dims = teacher.identity["embed_dim"]
-    parts, todo, attrs, skipped = _plan(cfg, fmt, store, [key for key, _ in images], attrs, dims)
+    parts, todo, attrs, skipped, summary.parts_retried = _plan(cfg, fmt, store, [key for key, _ in images], attrs,
+                                                               dims)
     summary.parts_skipped += skipped
     jobs = [j for k in todo for j in parts[k]]   # item numbers, part after part
     size = teacher.identity["preprocess"]["size"]
@@ -420,7 +439,7 @@ def _embed_text_store(cfg, fmt, teacher: Teacher, tower: Tower, captions: list[t
     from tqdm import tqdm
     store = cfg.cache / TEXT_STORE
     dims = teacher.identity["embed_dim"]
-    parts, todo, attrs, skipped = _plan(cfg, fmt, store, [key for key, _ in captions], attrs, dims)
+    parts, todo, attrs, skipped, _ = _plan(cfg, fmt, store, [key for key, _ in captions], attrs, dims)
     summary.parts_skipped += skipped
     batches = [([captions[j][1] for j in rows], (k, rows.stop)) for k in todo   # plain tags: pinning keeps them
                for rows in (parts[k][s:s + cfg.batch_size] for s in range(0, len(parts[k]), cfg.batch_size))]

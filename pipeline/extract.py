@@ -23,7 +23,8 @@ from cache.manifest import (AUDIO_STORE, RECORDS, SPEAKER_CMVN, CacheMismatchErr
                             settings_diff, write_records)
 from cache.reader import StoreReader
 from cache.store import (FAILURES_DIR, FORMATS, STORE_JSON, check_shard, completed_parts, part_path,
-                         plan_parts, recorded_failures, remove_leftovers, shard_parts, store_settings_diff)
+                         plan_parts, recorded_failures, remove_leftovers, reopen_failed_parts, shard_parts,
+                         store_settings_diff)
 from pipeline.audio_part import (STORE_DTYPE, compute_features, decode_part, extract_part, init_worker, store_attrs,
                                  write_part)
 from pipeline.corpus import Corpus, read_corpus
@@ -64,6 +65,7 @@ class ExtractConfig:
     batch_device: str | None = None   # e.g. "cuda": workers only decode, features computed there in batches
     batch_size: int = 64              # utterances per batched feature computation on batch_device
     index_only: bool = False
+    retry_failed: bool = False        # compute the complete parts that recorded failures again
     progress: bool = True
 
     def __post_init__(self):
@@ -77,6 +79,9 @@ class ExtractConfig:
                 raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)}: need at least 1")
         if self.max_failures < 0:
             raise ValueError(f"--max-failures {self.max_failures}: must be 0 or more")
+        if self.index_only and self.retry_failed:
+            raise ValueError("--retry-failed computes parts again and --index-only computes none: run the one, "
+                             "then the other")
         if self.cache.exists() and not self.cache.is_dir():
             raise ValueError(f"--cache {self.cache} is a file; give a folder (created if missing)")
         if self.batch_device is not None:
@@ -93,6 +98,7 @@ class ExtractSummary:
     workers: int = 1
     parts_done: int = 0          # written by this run
     parts_skipped: int = 0       # of this shard, found complete
+    parts_retried: int = 0       # complete ones with failures, computed again (--retry-failed)
     written: int = 0             # utterances written by this run
     failed: int = 0              # utterances that failed in this run
     failures: dict[str, int] = field(default_factory=dict)  # kind -> count, over all complete parts
@@ -111,7 +117,9 @@ class ExtractSummary:
         i, n = self.shard
         out = [f"extract-audio: {self.utterances} utterances in {self.parts} parts"
                f"{f', shard {i}/{n}' if n > 1 else ''}; this run wrote {self.parts_done} parts, "
-               f"{self.parts_skipped} were already complete", *self.notes]
+               f"{self.parts_skipped} were already complete"
+               f"{f' ({self.parts_retried} computed again for their failures)' if self.parts_retried else ''}",
+               *self.notes]
         if self.parts_done:
             per_s = 1 / self.work_seconds if self.work_seconds else 0.0
             out.append(f"utterances: {self.written} written, {self.failed} failed; "
@@ -143,7 +151,8 @@ class TooManyFailures(RuntimeError):
         self.summary = summary
         if summary.failures_total > max_failures:
             why = (f"error: {summary.failures_total} utterances failed, more than --max-failures {max_failures}: "
-                   "fix or drop those files (reasons listed above), or raise --max-failures")
+                   "fix those files (reasons listed above) and run again with --retry-failed, or raise "
+                   "--max-failures")
         else:   # under the limit, but nothing is left to train on: a wrong setting, not a few bad files
             why = (f"error: all {summary.failures_total} utterances failed (reasons listed above): check the "
                    "feature options (--option) and the corpus' audio")
@@ -230,6 +239,9 @@ def extract_audio(cfg: ExtractConfig) -> ExtractSummary:
                              "to job k % N), then --index-only again")
     else:
         mine = shard_parts(len(plan), cfg.shard)
+        if cfg.retry_failed:
+            summary.parts_retried = len(reopen_failed_parts(store, [k for k in mine if k in done], cfg.fmt))
+            done = completed_parts(store)
         todo = [k for k in mine if k not in done]
         summary.parts_skipped = len(mine) - len(todo)
         (store / FAILURES_DIR).mkdir(parents=True, exist_ok=True)

@@ -269,6 +269,25 @@ def test_bad_images_are_recorded_or_converted(bad_corpus, teacher, tmp_path, gpu
     assert np.linalg.norm(got[2] - black[0]) > 5 * np.linalg.norm(got[2] - want[2])
 
 
+def test_fixed_images_are_embedded_by_retry_failed(teacher, tmp_path):
+    root = write_corpus(tmp_path / "corpus", shapes=SHAPES[:6], seed=3)
+    paths = sorted((root / "Flicker8k_Dataset").glob("*.jpg"))
+    kept = paths[4].read_bytes()
+    paths[4].write_text("not an image\n")
+    cache = tmp_path / "cache"
+    run(root, cache, teacher, draft=False, part_size=4)
+    assert [f["id"] for f in read_failures(cache)] == [paths[4].stem]
+    paths[4].write_bytes(kept)
+    summary = run(root, cache, teacher, draft=False, part_size=4)
+    assert summary.images_embedded == 0 and len(read_failures(cache)) == 1   # resumed: nothing retried
+    summary = run(root, cache, teacher, draft=False, part_size=4, retry_failed=True)
+    assert summary.parts_retried == 1 and summary.images_embedded == 2 and read_failures(cache) == []
+    assert "1 embedded again for their failures" in summary.lines()[0]
+    cached, _ = stored(cache, IMAGE_STORE)
+    want, _ = reference(teacher, [Image.open(p) for p in paths])
+    np.testing.assert_allclose(np.stack([cached[p.stem] for p in paths]), want, atol=FP16_ATOL)
+
+
 def test_decode_on_device_matches_pil_preprocessing(bad_corpus, corpus, tmp_path):
     _, bad = bad_corpus
     images, _ = corpus_items(corpus)
@@ -388,6 +407,26 @@ def test_refuses_a_corpus_other_than_the_one_of_the_cached_audio(corpus, teacher
     assert f"20 utterances of flickr8k corpus {other}" in str(err.value)
     assert "clip" not in read_manifest(cache) and not (cache / IMAGE_STORE).exists()
     run(other, cache, teacher)              # the right corpus goes through
+
+
+def test_refuses_a_manifest_of_the_same_utterances_with_other_caption_ids(teacher, tmp_path):
+    """A JSONL manifest of the cached wavs whose caption ids are not extract-audio's: the trainer would find
+    no caption embedding for any utterance; refused, naming records.jsonl, before anything is embedded."""
+    import json
+    from pipeline.corpus import read_corpus
+    from pipeline.extract import ExtractConfig, extract_audio
+    flickr = write_tiny_flickr(tmp_path / "flickr", images=2)
+    cache = tmp_path / "cache"
+    extract_audio(ExtractConfig(data=flickr, cache=cache, workers=1, progress=False))
+    lines = [{"audio": u.audio_path, "image": u.image_path, "caption": u.caption, "split": u.split,
+              "id": u.utt_id, "image_id": u.image_id, "caption_id": f"c{i}"}
+             for i, u in enumerate(read_corpus(flickr).utterances)]
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    with pytest.raises(CacheMismatchError, match="records.jsonl gives it image") as err:
+        run(manifest, cache, teacher)
+    assert "'c0'" in str(err.value) and f"({flickr})" in str(err.value)
+    assert "clip" not in read_manifest(cache) and not (cache / IMAGE_STORE).exists()
 
 
 def test_resume_after_a_crash_and_shards(corpus, teacher, tmp_path, monkeypatch):

@@ -271,6 +271,41 @@ def spoil(corpus: Path) -> dict[str, str]:
     return expected
 
 
+@pytest.mark.parametrize("fmt", ["hdf5", "wds"])
+def test_fixed_files_are_picked_up_by_retry_failed(tmp_path, fmt):
+    """The error says: fix those files and run again with --retry-failed. A plain rerun keeps the parts (and
+    their failures); --retry-failed computes the parts with failures again, and the cache then equals one made
+    from good files throughout, failures.jsonl emptied."""
+    good = write_tiny_flickr(tmp_path / "good", images=4)
+    corpus = tmp_path / "corpus"
+    shutil.copytree(good, corpus)
+    expected = spoil(corpus)
+    base = ["--data", str(corpus), "--part-size", "4", "--workers", "2", "--format", fmt]
+    cache = tmp_path / "cache"
+    code, out = cli(*base, "--cache", str(cache), "--max-failures", "0")
+    assert code == 1 and "run again with --retry-failed" in out
+    for utt_id in expected:   # the files fixed
+        shutil.copy(good / "flickr_audio" / "wavs" / f"{utt_id}.wav", corpus / "flickr_audio" / "wavs")
+    code, out = cli(*base, "--cache", str(cache), "--max-failures", "0")
+    assert code == 1 and "this run wrote 0 parts" in out          # a plain rerun resumes, no more
+    done_before = {k: p.stat().st_mtime_ns for k, p in completed_parts(cache / AUDIO_STORE).items()}
+    code, out = cli(*base, "--cache", str(cache), "--max-failures", "0", "--retry-failed")
+    assert code == 0, out
+    failed_parts = {k for k in done_before if any(u in expected for u in plan_ids(good, k))}
+    assert f"({len(failed_parts)} computed again for their failures)" in out and "none failed" in out
+    assert read_failures(cache) == []
+    after = {k: p.stat().st_mtime_ns for k, p in completed_parts(cache / AUDIO_STORE).items()}
+    assert {k for k in after if after[k] != done_before[k]} == failed_parts   # the other parts were kept
+    clean = tmp_path / "clean"
+    cli("--data", str(good), "--part-size", "4", "--workers", "2", "--format", fmt, "--cache", str(clean))
+    assert_same_cache(cache, clean)
+
+
+def plan_ids(corpus: Path, part: int, size: int = 4) -> list[str]:
+    from pipeline.corpus import read_corpus
+    return [u.utt_id for u in read_corpus(corpus).utterances][part * size:(part + 1) * size]
+
+
 @pytest.mark.parametrize("rate", [8000, 22050])
 def test_a_recipe_at_another_sample_rate_gets_the_audio_resampled_to_it(tmp_path, rate):
     """--option sample_rate=R: the frames are R's (10 ms shift at R Hz), so the audio must be decoded at R:
