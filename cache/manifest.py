@@ -110,7 +110,7 @@ def read_utf8(path) -> str:
     file, the line of the first byte that is not UTF-8 and the fix (a bare UnicodeDecodeError names none)."""
     data = pathlib.Path(path).read_bytes()
     try:
-        return data.decode("utf-8")
+        return data.decode("utf-8-sig")   # a byte-order mark (Windows editors write one) is not text
     except UnicodeDecodeError as e:
         line = data.count(b"\n", 0, e.start) + 1
         raise ValueError(f"{path}: not UTF-8 text (byte 0x{data[e.start]:02x} on line {line}); convert it, "
@@ -279,7 +279,22 @@ def read_records(cache_dir) -> list[dict]:
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: it is written by the {RECORDS_STAGE} stage; run that "
                                 f"stage on this cache first")
-    return _read_jsonl(path, tolerate_torn_tail=False)
+    records = _read_jsonl(path, tolerate_torn_tail=False)
+    expected = read_manifest(cache_dir).get("corpus", {}).get("utterances")
+    if expected is not None and len(records) != expected:
+        raise ValueError(f"{path} holds {len(records)} utterances, but the corpus in cache.json has {expected}: "
+                         f"the file was cut short or edited; run `clipspeech {RECORDS_STAGE}` on this cache "
+                         "again, which writes it anew (the features are kept)")
+    return records
+
+
+def records_complete(cache_dir, utterances: int) -> bool:
+    """Whether records.jsonl is there with `utterances` whole lines (not cut short, not torn)."""
+    path = pathlib.Path(cache_dir) / RECORDS
+    if not path.is_file():
+        return False
+    data = path.read_bytes()
+    return data.count(b"\n") == utterances and (not data or data.endswith(b"\n"))
 
 
 def _failure_lines(failures: Iterable[dict], stage: str | None = None) -> list[str]:

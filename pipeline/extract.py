@@ -19,8 +19,8 @@ from tqdm import tqdm
 
 from cache.index import build_index
 from cache.manifest import (AUDIO_STORE, RECORDS, SPEAKER_CMVN, CacheMismatchError, atomic_write_json,
-                            claim_section, read_manifest, read_records, record_stage_failures, replace_section,
-                            settings_diff, write_records)
+                            claim_section, read_manifest, read_records, record_stage_failures, records_complete,
+                            replace_section, settings_diff, write_records)
 from cache.reader import StoreReader
 from cache.store import (FAILURES_DIR, FORMATS, STORE_JSON, check_shard, completed_parts, part_path,
                          plan_parts, recorded_failures, remove_leftovers, reopen_failed_parts, shard_parts,
@@ -212,7 +212,9 @@ def _check_cache(cfg: ExtractConfig, corpus: Corpus, recipe) -> list[str]:
         return notes
     for name, settings in sections.items():
         claim_section(cfg.cache, name, settings)
-    if not (cfg.cache / RECORDS).is_file():  # the claimed ids_sha1 vouches for one that is there
+    if not records_complete(cfg.cache, len(corpus.utterances)):   # the claimed ids_sha1 vouches for a whole one
+        if (cfg.cache / RECORDS).is_file():
+            notes.append(f"{cfg.cache / RECORDS} was cut short: written anew")
         write_records(cfg.cache, [u.to_dict() for u in corpus.utterances])
     return notes
 

@@ -293,6 +293,15 @@ def test_a_text_file_that_is_not_utf8_is_named_with_its_line(tmp_path):
         load_toml(toml)
 
 
+def test_a_byte_order_mark_is_not_part_of_the_first_line(tmp_path):
+    """Windows editors start UTF-8 files with a BOM: the first line must still be read, not lost."""
+    wav(tmp_path / "a.wav")
+    line = {"audio": "a.wav", "image": "a.jpg", "caption": "a dog", "split": "train", "id": "a"}
+    (tmp_path / "m.jsonl").write_bytes(b"\xef\xbb\xbf" + json.dumps(line).encode() + b"\n")
+    corpus = read_jsonl(tmp_path / "m.jsonl", check_files=False)
+    assert [u.utt_id for u in corpus.utterances] == ["a"] and not corpus.report.lines()
+
+
 def test_jsonl_lines_are_numbered_as_in_the_file(tmp_path):
     """The manifest is read whole now: a problem's line number is still the file's (blank lines count)."""
     wav(tmp_path / "one.wav")

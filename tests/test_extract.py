@@ -306,6 +306,22 @@ def plan_ids(corpus: Path, part: int, size: int = 4) -> list[str]:
     return [u.utt_id for u in read_corpus(corpus).utterances][part * size:(part + 1) * size]
 
 
+@pytest.mark.parametrize("cut", ["lines", "torn"])
+def test_a_records_file_cut_short_is_named_and_written_anew(tmp_path, corpus, caches, cut):
+    """records.jsonl holds what train and evaluate score: one cut short (a full disk, an edit) must not
+    quietly leave utterances out; extract-audio writes it again."""
+    cache = tmp_path / "cache"
+    shutil.copytree(caches("hdf5"), cache)
+    path = cache / "records.jsonl"
+    whole = path.read_bytes()
+    path.write_bytes(b"".join(whole.splitlines(keepends=True)[:10]) if cut == "lines" else whole[:-30])
+    with pytest.raises(ValueError, match="cut short|not valid JSON"):
+        read_records(cache)      # what train, evaluate and embed-images read
+    summary = run(corpus, cache)
+    assert f"{path} was cut short: written anew" in summary.lines() and path.read_bytes() == whole
+    assert len(read_records(cache)) == 5 * IMAGES
+
+
 @pytest.mark.parametrize("rate", [8000, 22050])
 def test_a_recipe_at_another_sample_rate_gets_the_audio_resampled_to_it(tmp_path, rate):
     """--option sample_rate=R: the frames are R's (10 ms shift at R Hz), so the audio must be decoded at R:

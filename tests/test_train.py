@@ -4,6 +4,7 @@ process with two DDP processes, resolves its config in order, and fails clearly 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 import shutil
@@ -299,15 +300,16 @@ def test_stream_mode_needs_a_webdataset_cache(tiny_cache, tmp_path):
         train(tiny_config(tiny_cache, tmp_path / "run", steps=2, data_mode="stream"))
 
 
-def test_stream_refuses_more_ranks_than_shards_and_caps_readers(tiny_wds_cache):
+def test_stream_refuses_more_ranks_than_shards_and_caps_readers(tiny_wds_cache, caplog):
     """4 shards hold the 60 training utterances: 5 ranks would leave one without data (DDP would hang)."""
     data = load_split(tiny_wds_cache, "train", features=False)
     args = dict(data=data, cache=tiny_wds_cache, schedule=[(0, 20)], seed=0, buffer=64, max_frames=2048,
                 device=torch.device("cpu"))
     with pytest.raises(ValueError, match="4 shards hold training utterances, fewer than the 5 processes"):
         StreamBatches(rank=0, world=5, workers=1, **args)
-    with pytest.warns(UserWarning, match="using 2 reader"):
+    with caplog.at_level(logging.WARNING, logger="trainer.stream"):
         assert StreamBatches(rank=1, world=2, workers=3, **args).workers == 2
+    assert "using 2 reader(s) per process" in caplog.text
 
 
 def test_pass_batches_respect_sizes_the_rule_and_use_each_utterance_once():
@@ -512,6 +514,11 @@ def _cli(*args) -> tuple[int, str]:
     ([], "[model]\nlayers = 2\n", "sections [model] are not supported"),
     ([], "conv_init = 'xavier'\n", "conv_init = 'xavier': use one of pytorch, kaiming"),
     (["--batch-schedule", "4:3,13"], None, "batch_size 13 is larger than the 12 distinct images"),
+    (["--lr", "inf"], None, "lr = inf: must be a finite number, above 0"),
+    (["--lr", "0"], None, "lr = 0.0: must be a finite number, above 0"),
+    (["--weight-decay", "nan"], None, "weight_decay = nan: must be a finite number, 0 or more"),
+    (["--grad-clip", "-1"], None, "grad_clip = -1.0: must be a finite number, 0 or more"),
+    (["--seed", "-5"], None, "seed = -5: must be 0 or more"),
 ])
 def test_bad_options_fail_with_a_message_not_a_traceback(args, toml, message, tiny_cache, tmp_path):
     if toml is not None:
@@ -520,6 +527,12 @@ def test_bad_options_fail_with_a_message_not_a_traceback(args, toml, message, ti
     code, output = _cli("--cache", tiny_cache, "--out", tmp_path / "run", "--threads", 1, *args)
     assert code == 1 and "Traceback" not in output
     assert message in output and "train:" not in output   # refused before the progress bar
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_cache_folder_that_is_not_there_is_named(tmp_path):
+    code, output = _cli("--cache", tmp_path / "nowhere", "--out", tmp_path / "run", "--threads", 1)
+    assert code == 1 and f"{tmp_path / 'nowhere'}: no such cache folder" in output and "extract-audio" in output
     assert not (tmp_path / "run").exists()
 
 

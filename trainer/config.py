@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,11 +101,13 @@ class TrainConfig:
         if self.batch_size < 2:
             raise ValueError(f"batch_size = {self.batch_size}: must be at least 2 (a batch of one has no "
                              "negatives)")
-        for name in ("warmup", "stop_after", "threads", "workers"):
+        for name in ("warmup", "stop_after", "threads", "workers", "seed"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} = {getattr(self, name)}: must be 0 or more")
-        if self.lr <= 0 or self.weight_decay < 0 or self.grad_clip < 0:
-            raise ValueError("lr must be positive; weight_decay and grad_clip 0 or more")
+        for name, least in (("lr", "above 0"), ("weight_decay", "0 or more"), ("grad_clip", "0 or more")):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0 or (value == 0 and name == "lr"):
+                raise ValueError(f"{name} = {value}: must be a finite number, {least}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout = {self.dropout}: must be in [0, 1)")
         if self.compile_mode != "default" and not self.compile:

@@ -80,6 +80,9 @@ def _embedding_rows(reader: StoreReader, keys: list[str]) -> np.ndarray:
 
 def check_cache(cache: Path) -> dict:
     """The cache's manifest, after checking that the stages the trainer needs have run."""
+    if not Path(cache).is_dir():
+        raise FileNotFoundError(f"{cache}: no such cache folder; a cache is made by `clipspeech extract-audio "
+                                f"--data CORPUS --cache {cache}`, then `clipspeech embed-images` on it")
     manifest = read_manifest(cache)
     for section, stage in (("audio", "extract-audio"), ("clip", "embed-images")):
         if section not in manifest:

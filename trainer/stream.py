@@ -24,8 +24,8 @@ step (a new shuffle; model, optimiser and every other state are still restored e
 from __future__ import annotations
 
 import json
+import logging
 import signal
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -39,6 +39,8 @@ from cache.store import SIZES_JSON, completed_parts
 from trainer.data import Batch, SplitData, apply_speaker_cmvn, padded_frames
 from trainer.sampler import LengthBucketBatchSampler
 from trainer.schedule import batch_size_at
+
+log = logging.getLogger(__name__)
 
 BUFFER_BATCHES = 8   # the buffer holds at least this many local batches (5 captions of an image must part)
 
@@ -270,8 +272,9 @@ class StreamBatches:
                              "--part-size")
         self.workers = min(workers, shards // world)
         if self.workers < workers:
-            warnings.warn(f"--workers {workers}: only {shards} shards for {world} process(es); using "
-                          f"{self.workers} reader(s) per process so that every reader has a shard")
+            # a notice for the user (logged as the command's own messages are), not a Python warning
+            log.warning(f"--workers {workers}: only {shards} shards for {world} process(es); using "
+                        f"{self.workers} reader(s) per process so that every reader has a shard")
         local_max = max(size for _, size in schedule) // world
         self.settings = dict(plan=self.plan, schedule=schedule, seed=seed, rank=rank, world=world,
                              workers=self.workers, buffer=max(buffer, BUFFER_BATCHES * local_max),

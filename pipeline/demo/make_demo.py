@@ -68,7 +68,7 @@ def _prepare_out(cfg: DemoConfig) -> Path:
         raise FileExistsError(f"{out}: exists and is not a folder; choose another --out")
     if out.is_dir() and any(out.iterdir()):
         if not cfg.overwrite:
-            raise FileExistsError(f"{out}: folder exists and is not empty; pass overwrite=True (--overwrite) "
+            raise FileExistsError(f"{out}: folder exists and is not empty; pass --overwrite "
                                   "to replace a demo corpus there, or choose another --out")
         if not (out / CONFIG_FILE).is_file():
             raise FileExistsError(f"{out}: not a complete demo corpus (no {CONFIG_FILE}), so overwrite will "
