@@ -262,6 +262,12 @@ def train(toml, preset, **options):
     if best.get("value") is not None:
         click.echo(f"best {best['metric']} {best['value']:.2f} at step {best['step']}; "
                    f"checkpoints in {cfg.out}")
+    else:   # no dev split (or no validation yet): say what best.pt is rather than nothing
+        click.echo(f"no validation yet (a dev split of 2 or more utterances is validated every --eval-every "
+                   f"steps): best.pt holds the weights of step {result['step']}; checkpoints in {cfg.out}")
+    if not result["stopped"] and result["step"] < cfg.steps:
+        click.echo(f"stopped at step {result['step']} of {cfg.steps} (--stop-after): run the same command with "
+                   "--resume to continue")
     if result["stopped"]:   # another process's signal stopped this one: the scheduler's usual SIGTERM
         sys.exit(128 + (result["signal"] or signal.SIGTERM))
 

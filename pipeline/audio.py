@@ -37,7 +37,7 @@ def load_audio(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE) -> torch
         raise ValueError(f"sample_rate must be a positive int in Hz, got {sample_rate!r}")
     path = Path(path)
     if not path.is_file():
-        raise AudioError("missing file", path)
+        raise AudioError("a folder, not a file" if path.is_dir() else "missing file", path)
     if path.stat().st_size == 0:   # soundfile would call it "unreadable: format not recognised"
         raise AudioError("empty file (0 bytes)", path)
     try:

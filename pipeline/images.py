@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 import queue
 import threading
 from collections import defaultdict
@@ -60,8 +61,11 @@ class ImageFiles(torch.utils.data.Dataset):
             return pil_to_uint8(img), ""
         except FileNotFoundError:
             return None, "missing file"
+        except IsADirectoryError:
+            return None, "a folder, not a file"
         except UnidentifiedImageError:
-            return None, "not an image (PIL cannot identify it)"
+            return None, "empty file (0 bytes)" if os.path.getsize(path) == 0 else \
+                "not an image (PIL cannot identify it)"
         except Exception as e:   # truncated or corrupt data, decompression bombs: one file must not stop all
             return None, f"unreadable image: {type(e).__name__}: {e}"
 

@@ -288,6 +288,16 @@ def test_fixed_images_are_embedded_by_retry_failed(teacher, tmp_path):
     np.testing.assert_allclose(np.stack([cached[p.stem] for p in paths]), want, atol=FP16_ATOL)
 
 
+@pytest.mark.parametrize("raw", [False, True])
+def test_an_empty_file_or_a_folder_is_named_as_such(tmp_path, raw):
+    from pipeline.images import ImageFiles
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    (tmp_path / "folder.jpg").mkdir()
+    files = ImageFiles([str(tmp_path / "empty.jpg"), str(tmp_path / "folder.jpg"), str(tmp_path / "gone.jpg")],
+                       lambda img: img, raw=raw)
+    assert [files[i][1] for i in range(3)] == ["empty file (0 bytes)", "a folder, not a file", "missing file"]
+
+
 def test_decode_on_device_matches_pil_preprocessing(bad_corpus, corpus, tmp_path):
     _, bad = bad_corpus
     images, _ = corpus_items(corpus)

@@ -263,6 +263,7 @@ def spoil(corpus: Path) -> dict[str, str]:
         "too short for one frame": pcm(0.3 * rng.standard_normal(100)),
         "silent (all samples zero)": pcm(np.zeros(8000, np.float32)),
         "missing file": lambda p: p.unlink(),
+        "a folder, not a file": lambda p: (p.unlink(), p.mkdir()),
     }
     expected = {}
     for utt_id, (reason, write) in zip(ids[1::3], writers.items()):
@@ -285,6 +286,8 @@ def test_fixed_files_are_picked_up_by_retry_failed(tmp_path, fmt):
     code, out = cli(*base, "--cache", str(cache), "--max-failures", "0")
     assert code == 1 and "run again with --retry-failed" in out
     for utt_id in expected:   # the files fixed
+        if (corpus / "flickr_audio" / "wavs" / f"{utt_id}.wav").is_dir():
+            (corpus / "flickr_audio" / "wavs" / f"{utt_id}.wav").rmdir()
         shutil.copy(good / "flickr_audio" / "wavs" / f"{utt_id}.wav", corpus / "flickr_audio" / "wavs")
     code, out = cli(*base, "--cache", str(cache), "--max-failures", "0")
     assert code == 1 and "this run wrote 0 parts" in out          # a plain rerun resumes, no more

@@ -188,9 +188,12 @@ def test_resume_takes_the_run_settings_from_its_config(tiny_cache, tmp_path):
     train(tiny_config(tiny_cache, tmp_path / "whole", **common))
     out = tmp_path / "parts"
     train(tiny_config(tiny_cache, out, stop_after=2, **common))
+    code, output = _cli("--cache", tiny_cache, "--out", out, "--resume", "--threads", 1, "--stop-after", 2)
+    assert code == 0 and "stopped at step 4 of 6 (--stop-after): run the same command with --resume" in output
+    assert f"checkpoints in {out}" in output
     code, output = _cli("--cache", tiny_cache, "--out", out, "--resume", "--threads", 1, "--device", "cpu")
     assert code == 0, output
-    assert "other settings" not in output
+    assert "other settings" not in output and "--stop-after" not in output
     assert logged_losses(out) == logged_losses(tmp_path / "whole")
     saved = json.loads((out / "config.json").read_text())
     assert (saved["pooling"], saved["batch_schedule"], saved["stop_after"]) == ("attention", "4:3,8", 0)
