@@ -597,6 +597,10 @@ def test_a_checkpoint_refuses_a_cache_of_another_teacher(learned, tiny_cache, tm
     assert (out / "last.pt").read_bytes() == before
     result = CliRunner().invoke(cli_main, ["evaluate", "--cache", str(other), "--checkpoint", str(out / "best.pt")])
     assert result.exit_code == 1 and "other clip settings" in result.output and "weights_sha256" in result.output
+    manifest["audio"]["features"] = {**manifest["audio"]["features"], "name": "mfcc-kaldi", "num_ceps": 13}
+    (other / "cache.json").write_text(json.dumps(manifest))   # another recipe: its name, not each setting
+    result = CliRunner().invoke(cli_main, ["evaluate", "--cache", str(other), "--checkpoint", str(out / "best.pt")])
+    assert "other features settings" in result.output and "(name 'mfcc-seed' -> 'mfcc-kaldi')" in result.output
 
 
 def test_evaluate_leaves_out_what_failed_in_the_stages(learned, tiny_corpus, tiny_teacher, tmp_path, caplog):

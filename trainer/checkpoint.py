@@ -42,10 +42,18 @@ def check_same_cache(manifest: dict, state: dict, checkpoint: Path, cache: Path,
     trained, now = state.get("cache") or {}, cache_identity(manifest)
     for section in ("features", "clip"):
         if trained.get(section) is not None and now[section] is not None and trained[section] != now[section]:
-            diff = sorted(k for k in set(now[section]) | set(trained[section])
-                          if now[section].get(k) != trained[section].get(k))
+            before, after = trained[section], now[section]
+            # another recipe or model altogether: its name says it (its other settings differ by the dozen)
+            keys = ["name"] if before.get("name") != after.get("name") else \
+                sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
+            diff = ", ".join(f"{k} {_short(before.get(k))} -> {_short(after.get(k))}" for k in keys)
             raise ValueError(f"{checkpoint} was trained on a cache with other {section} settings than {cache} "
-                             f"(differing: {', '.join(diff)}); {fix}")
+                             f"({diff}); {fix}")
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 24 else text[:12] + "..." + text[-6:]   # e.g. a sha256
 
 
 def load_encoder(path: str | Path, device="cpu") -> tuple[CnnTransformer, dict]:
