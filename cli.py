@@ -249,9 +249,10 @@ def train(toml, preset, **options):
 
     The first logged loss of a fresh run sits near ln(batch size), the chance level of the loss.
     Multi-GPU: torchrun --nproc-per-node N cli.py train ... (the loss sees the global batch).
-    SIGTERM or SIGUSR1 (a scheduler's notice) writes RUN_DIR/last.pt after the current step and exits
-    with status 128 + the signal's number (143, 138), as if the signal had ended it, so that a job script
-    does not take the unfinished run for a finished one; --resume continues from there.
+    SIGTERM or SIGUSR1 (a scheduler's notice) or Ctrl-C writes RUN_DIR/last.pt after the current step and
+    exits with status 128 + the signal's number (143, 138, 130), as if the signal had ended it, so that a job
+    script does not take the unfinished run for a finished one; --resume continues from there. A second
+    Ctrl-C stops at once, without saving.
     """
     from trainer.config import resolve_config
     from trainer.train import train as run

@@ -224,7 +224,7 @@ def _wait_for_step(run_dir: Path, step: int, running, seconds: float = 120) -> b
     return False
 
 
-def _train_until_sigterm(config: dict, run_dir: Path, after_step: int) -> tuple[int, str]:
+def _train_until_sigterm(config: dict, run_dir: Path, after_step: int, sig=signal.SIGTERM) -> tuple[int, str]:
     """Runs `cli.py train --config` with `config` as TOML in a process group of its own, sends SIGTERM to the
     whole group (as a scheduler does) once metrics.jsonl shows `after_step`; (exit status, stderr)."""
     root = Path(__file__).resolve().parents[1]
@@ -234,13 +234,14 @@ def _train_until_sigterm(config: dict, run_dir: Path, after_step: int) -> tuple[
                              "--out", config["out"]], cwd=root, start_new_session=True,
                             stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(root)})
     if _wait_for_step(run_dir, after_step, lambda: proc.poll() is None):
-        os.killpg(proc.pid, signal.SIGTERM)
+        os.killpg(proc.pid, sig)
     _, err = proc.communicate(timeout=120)
     return proc.returncode, err
 
 
-@pytest.mark.parametrize("mode", ["memory", "stream"])
-def test_sigterm_writes_last_pt_and_the_resumed_run_logs_the_same_losses(mode, tiny_cache, tiny_wds_cache,
+@pytest.mark.parametrize("mode, sig", [("memory", signal.SIGTERM), ("stream", signal.SIGTERM),
+                                       ("stream", signal.SIGINT)])
+def test_sigterm_writes_last_pt_and_the_resumed_run_logs_the_same_losses(mode, sig, tiny_cache, tiny_wds_cache,
                                                                          tmp_path):
     """A scheduler's SIGTERM (to the training process and its stream readers alike) ends the step, writes
     last.pt and exits with status 143 (the run is not finished); --resume then continues exactly. save_every
@@ -251,11 +252,11 @@ def test_sigterm_writes_last_pt_and_the_resumed_run_logs_the_same_losses(mode, t
     common = dict(steps=1000, dropout=0.1, data_mode=mode, workers=2, batch_size=8 if mode == "memory" else 4,
                   log_every=3, eval_every=1)
     options = {**TINY, **common, "cache": str(cache), "out": str(tmp_path / "parts")}
-    status, err = _train_until_sigterm(options, tmp_path / "parts", after_step=6)
-    assert status == 128 + signal.SIGTERM, err
+    status, err = _train_until_sigterm(options, tmp_path / "parts", after_step=6, sig=sig)
+    assert status == 128 + sig, err          # 143, or 130 for Ctrl-C's SIGINT
     stopped = load_checkpoint(tmp_path / "parts" / "last.pt")["step"]
     assert 6 <= stopped < 1000
-    assert f"SIGTERM received; stopped after step {stopped}" in err
+    assert f"{signal.Signals(sig).name} received; stopped after step {stopped}" in err
     lines = (tmp_path / "parts" / "metrics.jsonl").read_text().splitlines()
     validated = [r["step"] for r in map(json.loads, lines) if "dev/keyword_mAP" in r]
     assert validated == list(range(1, stopped))
@@ -264,6 +265,22 @@ def test_sigterm_writes_last_pt_and_the_resumed_run_logs_the_same_losses(mode, t
     whole, parts = logged_losses(tmp_path / "whole"), logged_losses(tmp_path / "parts")
     assert sorted(parts) == sorted(whole) == [1] + list(range(3, stopped + 9, 3))
     assert [parts[s] for s in whole] == [whole[s] for s in whole]
+
+
+def test_a_second_ctrl_c_stops_at_once(capsys):
+    """The first Ctrl-C asks for the end of the step and last.pt (said on stderr); a second one is the way out
+    of a step that hangs, without saving; the handlers before are back afterwards."""
+    from trainer.train import _stop_requests
+    before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):
+        with _stop_requests() as request:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.1)
+            assert request["signal"] == signal.SIGINT
+            assert "Ctrl-C again to stop without saving" in capsys.readouterr().err
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.1)
+    assert signal.getsignal(signal.SIGINT) is before
 
 
 def test_features_go_to_the_device_in_chunks(tiny_cache, monkeypatch):

@@ -249,10 +249,10 @@ class ShardStream(torch.utils.data.IterableDataset):
 
 
 def _ignore_stop_signals(worker_id: int) -> None:
-    """Readers ignore the scheduler's SIGTERM/SIGUSR1 (sent to the whole process group): the training
-    process takes it, writes last.pt at the end of its step and then shuts the readers down itself; a
-    reader killed first would make the DataLoader raise in the middle of that step."""
-    for s in (signal.SIGTERM, signal.SIGUSR1):
+    """Readers ignore the scheduler's SIGTERM/SIGUSR1 and Ctrl-C's SIGINT (sent to the whole process group):
+    the training process takes it, writes last.pt at the end of its step and then shuts the readers down
+    itself; a reader killed first would make the DataLoader raise in the middle of that step."""
+    for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
         signal.signal(s, signal.SIG_IGN)
 
 

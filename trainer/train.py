@@ -278,12 +278,13 @@ def _restore(run: Run, state: dict, last: Path) -> dict:
     return state["best"]
 
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)   # a scheduler's notice (Slurm: SIGTERM, or --signal=USR1)
+# a scheduler's notice (Slurm: SIGTERM, or --signal=USR1), and Ctrl-C (a second one aborts without saving)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
 @contextlib.contextmanager
 def _stop_requests():
-    """A dict whose "signal" is set when SIGTERM or SIGUSR1 arrives while the loop runs, so that the loop can
+    """A dict whose "signal" is set when SIGTERM, SIGUSR1 or SIGINT arrives while the loop runs, so that the loop can
     write last.pt at the end of its step and return, instead of dying with up to save_every steps unsaved.
     Only the main thread of a process can take signals; elsewhere nothing is installed."""
     request = {"signal": None}
@@ -292,6 +293,11 @@ def _stop_requests():
         return
 
     def note(signum, frame):
+        if signum == signal.SIGINT:
+            if request["signal"] is not None:
+                raise KeyboardInterrupt
+            print("\ntrain: Ctrl-C: ending this step and writing last.pt (Ctrl-C again to stop without saving)",
+                  file=sys.stderr)
         request["signal"] = signum
 
     previous = {s: signal.signal(s, note) for s in STOP_SIGNALS}
