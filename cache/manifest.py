@@ -205,6 +205,29 @@ def file_lock(path) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+class StageBusyError(ValueError):
+    """Another process runs the same stage on the same shard of a cache."""
+
+
+@contextlib.contextmanager
+def shard_lock(cache_dir, stage: str, shard: tuple[int, int]) -> Iterator[None]:
+    """Held while a stage works on its shard of a cache: a second process on the same shard (a requeued
+    array job whose first run is still alive, a command started twice) would delete the parts the first is
+    writing as leftovers of a killed run. flock: the kernel drops it when its holder dies."""
+    i, n = shard
+    path = pathlib.Path(cache_dir) / f".{stage}-shard-{i}-of-{n}.lock"
+    with open(path, "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise StageBusyError(f"another {stage} is running --shard {i}/{n} on {cache_dir} (it holds {path}); "
+                                 "wait for it to finish or stop it, then run this again") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def _manifest_lock(cache_dir: pathlib.Path):
     # Stages of one cache may run at once (shards, audio next to images): the read-modify-write of the
     # manifest must not lose a section that another process added meanwhile.

@@ -5,6 +5,7 @@ cache.json, so that no later stage mixes two teachers. Resumable and shardable l
 """
 from __future__ import annotations
 
+import contextlib
 import difflib
 import hashlib
 import logging
@@ -20,7 +21,8 @@ import torch
 
 from cache.index import build_index
 from cache.manifest import (IMAGE_STORE, KEYWORD_STORE, RECORDS, TEXT_STORE, CacheMismatchError, atomic_write_json,
-                            claim_section, read_manifest, read_records, record_stage_failures, settings_diff)
+                            claim_section, read_manifest, read_records, record_stage_failures, settings_diff,
+                            shard_lock)
 from cache.store import (FAILURES_DIR, FORMATS, INDEX_FILE, PartWriter, check_shard, completed_parts,
                          failures_path, plan_parts, read_store_json, recorded_failures, remove_leftovers,
                          reopen_failed_parts, shard_parts, store_settings_diff)
@@ -241,7 +243,13 @@ def _check_same_corpus(cfg: EmbedConfig, corpus, manifest: dict) -> None:
 
 
 def embed_images(cfg: EmbedConfig) -> EmbedSummary:
-    """Runs the stage for this shard; builds the indexes (and records image failures) once all parts exist."""
+    """Runs the stage for this shard; builds the indexes (and records image failures) once all parts exist.
+    StageBusyError when another process runs the same shard of this cache."""
+    with contextlib.ExitStack() as held:
+        return _embed_images(cfg, held)
+
+
+def _embed_images(cfg: EmbedConfig, held: contextlib.ExitStack) -> EmbedSummary:
     # no per-file checks: the report is not shown here, and each image's file is checked as it is read
     corpus = read_corpus(cfg.data, check_files=False)
     manifest = read_manifest(cfg.cache)
@@ -253,6 +261,7 @@ def embed_images(cfg: EmbedConfig) -> EmbedSummary:
     teacher = load_teacher(cfg.model, cfg.pretrained, cfg.device)
     settings = _run_settings(cfg, fmt)
     cfg.cache.mkdir(parents=True, exist_ok=True)
+    held.enter_context(shard_lock(cfg.cache, "embed-images", cfg.shard))   # until the stage returns
     _claim_clip(cfg, teacher.identity, settings)
     attrs = {"stage": "embed-images", "clip": {**teacher.identity, **settings},
              "versions": versions("open_clip_torch", "torchvision", "Pillow")}

@@ -2,6 +2,7 @@
 crash and shardable over array jobs (cache layout: docs/design.md)."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import multiprocessing as mp
 import os
@@ -20,7 +21,7 @@ from tqdm import tqdm
 from cache.index import build_index
 from cache.manifest import (AUDIO_STORE, RECORDS, SPEAKER_CMVN, CacheMismatchError, atomic_write_json,
                             claim_section, read_manifest, read_records, record_stage_failures, records_complete,
-                            replace_section, settings_diff, write_records)
+                            replace_section, settings_diff, shard_lock, write_records)
 from cache.reader import StoreReader
 from cache.store import (FAILURES_DIR, FORMATS, STORE_JSON, check_shard, completed_parts, part_path,
                          plan_parts, recorded_failures, remove_leftovers, reopen_failed_parts, shard_parts,
@@ -223,7 +224,13 @@ def _check_cache(cfg: ExtractConfig, corpus: Corpus, recipe) -> list[str]:
 
 def extract_audio(cfg: ExtractConfig) -> ExtractSummary:
     """Runs the stage; raises TooManyFailures (after finishing the work) when failures exceed the limit,
-    ValueError/FileNotFoundError (before any work) for bad options, corpus or cache."""
+    ValueError/FileNotFoundError (before any work) for bad options, corpus or cache, StageBusyError when
+    another process runs the same shard of this cache."""
+    with contextlib.ExitStack() as held:
+        return _extract_audio(cfg, held)
+
+
+def _extract_audio(cfg: ExtractConfig, held: contextlib.ExitStack) -> ExtractSummary:
     started = time.perf_counter()
     recipe = get_recipe(cfg.recipe, **dict(cfg.recipe_options))
     corpus = read_corpus(cfg.data)
@@ -241,6 +248,8 @@ def extract_audio(cfg: ExtractConfig) -> ExtractSummary:
                              "to job k % N), then --index-only again")
     else:
         mine = shard_parts(len(plan), cfg.shard)
+        held.enter_context(shard_lock(cfg.cache, "extract-audio", cfg.shard))   # until the stage returns
+        done = completed_parts(store)     # as found under the lock
         if cfg.retry_failed:
             summary.parts_retried = len(reopen_failed_parts(store, [k for k in mine if k in done], cfg.fmt))
             done = completed_parts(store)

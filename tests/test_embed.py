@@ -439,6 +439,17 @@ def test_refuses_a_manifest_of_the_same_utterances_with_other_caption_ids(teache
     assert "clip" not in read_manifest(cache) and not (cache / IMAGE_STORE).exists()
 
 
+def test_a_second_process_on_the_same_shard_is_refused(corpus, teacher, tmp_path):
+    from cache.manifest import StageBusyError, shard_lock
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    with shard_lock(cache, "embed-images", (0, 1)):
+        with pytest.raises(StageBusyError, match="another embed-images is running --shard 0/1"):
+            run(corpus, cache, teacher)
+        assert not (cache / IMAGE_STORE).exists()
+    assert run(corpus, cache, teacher).images_embedded
+
+
 def test_resume_after_a_crash_and_shards(corpus, teacher, tmp_path, monkeypatch):
     whole = tmp_path / "whole"
     run(corpus, whole, teacher, part_size=2)

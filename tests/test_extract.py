@@ -325,6 +325,24 @@ def test_a_records_file_cut_short_is_named_and_written_anew(tmp_path, corpus, ca
     assert len(read_records(cache)) == 5 * IMAGES
 
 
+def test_a_second_process_on_the_same_shard_is_refused_not_let_delete_the_first_one_s_parts(tmp_path, corpus):
+    """A requeued array job whose first run still writes (or a command started twice) would remove the parts
+    in progress as a killed run's leftovers: while one holds a shard of a cache, another is refused."""
+    from cache.manifest import StageBusyError, shard_lock
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    with shard_lock(cache, "extract-audio", (0, 2)):
+        with pytest.raises(StageBusyError, match=r"another extract-audio is running --shard 0/2 on"):
+            run(corpus, cache, shard=(0, 2))
+        assert not (cache / AUDIO_STORE).exists() or not completed_parts(cache / AUDIO_STORE)
+        summary = run(corpus, cache, shard=(1, 2))            # another shard goes on meanwhile
+        assert summary.parts_done == summary.parts // 2
+        code, out = cli("--data", str(corpus), "--cache", str(cache), "--part-size", str(PART), "--shard", "0/2")
+        assert code == 1 and "another extract-audio is running --shard 0/2" in out and "Traceback" not in out
+    summary = run(corpus, cache, shard=(0, 2))                # once it is free
+    assert summary.indexed == 5 * IMAGES
+
+
 @pytest.mark.parametrize("rate", [8000, 22050])
 def test_a_recipe_at_another_sample_rate_gets_the_audio_resampled_to_it(tmp_path, rate):
     """--option sample_rate=R: the frames are R's (10 ms shift at R Hz), so the audio must be decoded at R:
