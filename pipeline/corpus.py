@@ -416,9 +416,12 @@ def read_jsonl(path: str | os.PathLike, check_files: bool = True) -> Corpus:
         except json.JSONDecodeError:
             report.add("malformed line (not JSON)", where)
             continue
-        if not isinstance(row, dict) or not all(isinstance(row.get(k), str) and row.get(k)
-                                                for k in ("audio", "image", "caption", "split")):
+        if not isinstance(row, dict) or not all(row.get(k) for k in ("audio", "image", "caption", "split")):
             report.add(f"line without one of audio, image, caption, split ({JSONL_FIELDS})", where)
+            continue
+        wrong = [k for k in ("audio", "image", "caption", "split") if not isinstance(row[k], str)]
+        if wrong:
+            report.add("audio, image, caption and split must be strings", f"{where} {wrong[0]}: {row[wrong[0]]!r}")
             continue
         if row["split"].lower() not in SPLIT_ALIASES:
             report.add("unknown split (use train, dev/val, test)", f"{where} {row['split']!r}")

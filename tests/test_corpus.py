@@ -238,6 +238,7 @@ def test_jsonl_manifest(tmp_path):
         {"audio": "a/one.wav", "image": "img/pic.jpg", "caption": "dup", "split": "train"},
         {"audio": "a/three.wav", "image": "img/pic.jpg", "split": "train"},
         {"audio": "a/two.wav", "image": "img/pic.jpg", "caption": "x", "split": "holdout", "id": "u3"},
+        {"audio": "a/two.wav", "image": "img/pic.jpg", "caption": 123, "split": "train", "id": "u4"},
     ]
     manifest = tmp_path / "corpus.jsonl"
     manifest.write_text("\n".join(json.dumps(x) for x in lines) + "\nnot json\n")
@@ -253,6 +254,8 @@ def test_jsonl_manifest(tmp_path):
     assert r.count("malformed line (not JSON)") == 1
     assert r.count("unknown split (use train, dev/val, test)") == 1
     assert sum(p.count for k, p in r.problems.items() if k.startswith("line without")) == 1
+    assert r.count("audio, image, caption and split must be strings") == 1
+    assert f"{manifest}:6 caption: 123" in "\n".join(r.lines())
 
 
 def test_unknown_paths_are_clear_errors(tmp_path):
