@@ -117,11 +117,24 @@ def extract_audio(data, cache, recipe, recipe_options, fmt, workers, shard, part
         workers=workers or default_workers(), shard=shard, part_size=part_size, max_failures=max_failures,
         batch_device=None if device == "cpu" else device, index_only=index_only, retry_failed=retry_failed))
     try:
-        summary = _run(extract_audio, cfg)
+        summary = _stage("extract-audio", extract_audio, cfg)
     except (TooManyFailures, WorkerDied) as e:
         click.echo(str(e), err=True)
         sys.exit(1)
     click.echo("\n".join(summary.lines()))
+
+
+def _stage(name: str, fn, cfg):
+    """A stage under a scheduler's SIGTERM: it stops between writes, says so and exits 143 (128 + 15), so that
+    a job script does not take the stage for finished; what it completed stays for the rerun."""
+    from pipeline.stopping import Stopped, stop_on_sigterm
+    try:
+        with stop_on_sigterm():
+            return _run(fn, cfg)
+    except Stopped as e:
+        click.echo(f"{name}: {e} received: stopped; the parts it completed are kept: run the same command "
+                   "to resume", err=True)
+        sys.exit(128 + e.signum)
 
 
 def _parse_value(text: str):
@@ -175,7 +188,7 @@ def embed_images(data, cache, model, pretrained, device, batch_size, workers, ke
         device=device, batch_size=batch_size, workers=default_workers() if workers is None else workers,
         keywords=keywords, prompt=prompt, shard=shard, dtype=dtype, draft=not no_draft, gpu_decode=gpu_decode,
         cuda_graph=not no_cuda_graph, retry_failed=retry_failed))
-    click.echo("\n".join(_run(embed_images, cfg).lines()))
+    click.echo("\n".join(_stage("embed-images", embed_images, cfg).lines()))
 
 
 def _flag(name: str, help: str):

@@ -346,6 +346,9 @@ def _run_parts(cfg: ExtractConfig, recipe, tasks: list[tuple[int, list]], summar
         except BrokenProcessPool as err:
             raise WorkerDied("a worker process died (out of memory? killed?); the parts it finished are "
                              "kept: run the same command again to resume") from err
+        except BaseException:   # Stopped (SIGTERM), KeyboardInterrupt: the parts in hand finish, no others
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
         finally:
             torch.set_num_threads(threads)
             progress.bar.close()

@@ -450,6 +450,35 @@ def test_a_second_process_on_the_same_shard_is_refused(corpus, teacher, tmp_path
     assert run(corpus, cache, teacher).images_embedded
 
 
+def test_a_sigterm_mid_stage_leaves_no_part_half_written(corpus, teacher, tmp_path, monkeypatch):
+    """A scheduler's SIGTERM arrives while a part is open: the stage stops (Stopped, which the command turns
+    into its message and exit status 143), the open part is dropped and a rerun gives the clean run's store."""
+    import os
+    import signal
+    from pipeline import embed as embed_module
+    from pipeline.stopping import Stopped, stop_on_sigterm
+    calls = []
+    add_rows = embed_module._PartStream.add_rows
+
+    def add_rows_then_signal(self, *args):
+        calls.append(1)
+        add_rows(self, *args)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+    monkeypatch.setattr(embed_module._PartStream, "add_rows", add_rows_then_signal)
+    cache = tmp_path / "cache"
+    with stop_on_sigterm(), pytest.raises(Stopped):
+        run(corpus, cache, teacher, part_size=3, batch_size=2, draft=False)
+    assert not list(cache.rglob("*.tmp-*")) and completed_parts(cache / IMAGE_STORE)
+    monkeypatch.setattr(embed_module._PartStream, "add_rows", add_rows)
+    run(corpus, cache, teacher, part_size=3, batch_size=2, draft=False)
+    clean = tmp_path / "clean"
+    run(corpus, clean, teacher, part_size=3, batch_size=2, draft=False)
+    got, _ = stored(cache, IMAGE_STORE)
+    want, _ = stored(clean, IMAGE_STORE)
+    assert got.keys() == want.keys() and all(np.array_equal(got[k], want[k]) for k in got)
+
+
 def test_resume_after_a_crash_and_shards(corpus, teacher, tmp_path, monkeypatch):
     whole = tmp_path / "whole"
     run(corpus, whole, teacher, part_size=2)

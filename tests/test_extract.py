@@ -204,6 +204,33 @@ def test_rerun_after_kill_9_finishes_and_equals_an_uninterrupted_run(tmp_path, c
     assert_same_cache(cache, caches("hdf5"))
 
 
+def test_a_scheduler_s_sigterm_stops_between_parts_and_the_rerun_resumes(tmp_path, corpus, caches):
+    """SIGTERM to the whole process group (Slurm's notice): the workers finish the parts in hand, the queued
+    ones are cancelled, nothing half-written is left, the command says so and exits 143; a rerun resumes."""
+    cache, store = tmp_path / "cache", tmp_path / "cache" / AUDIO_STORE
+    n_parts = len(plan_parts(5 * IMAGES, PART))
+    proc = subprocess.Popen([sys.executable, str(REPO / "cli.py"), "extract-audio", "--data", str(corpus),
+                             "--cache", str(cache), "--part-size", str(PART), "--workers", "1"],
+                            cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.monotonic() + 120
+    while proc.poll() is None and time.monotonic() < deadline:
+        if 1 <= len(completed_parts(store)) < n_parts - 4:
+            break
+        time.sleep(0.002)
+    os.killpg(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "extract-audio: SIGTERM received: stopped; the parts it completed are kept" in err
+    assert "Traceback" not in err
+    done = completed_parts(store)
+    assert 1 <= len(done) < n_parts and not (store / "index.h5").exists()
+    assert not [p.name for p in store.rglob("*.tmp-*")]          # the part in hand was finished, not left
+    summary = run(corpus, cache)
+    assert summary.parts_skipped == len(done) and summary.indexed == 5 * IMAGES
+    assert_same_cache(cache, caches("hdf5"))
+
+
 def test_shards_write_one_cache_that_equals_a_single_run(tmp_path, corpus, caches):
     cache = tmp_path / "cache"
     first = run(corpus, cache, shard=(0, 2))
