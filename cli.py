@@ -125,8 +125,9 @@ def extract_audio(data, cache, recipe, recipe_options, fmt, workers, shard, part
 
 
 def _stage(name: str, fn, cfg):
-    """A stage under a scheduler's SIGTERM: it stops between writes, says so and exits 143 (128 + 15), so that
-    a job script does not take the stage for finished; what it completed stays for the rerun."""
+    """A stage under a scheduler's SIGTERM or Ctrl-C: it stops between writes, says so and exits 128 + the
+    signal's number (143, 130), so that a job script does not take the stage for finished; what it completed
+    stays for the rerun."""
     from pipeline.stopping import Stopped, stop_on_sigterm
     try:
         with stop_on_sigterm():

@@ -1,5 +1,6 @@
-"""A scheduler's SIGTERM during a stage (extract-audio, embed-images): the stage stops between writes, with
-its clean-up run, instead of dying on the spot with parts half-written and worker processes left to die."""
+"""A scheduler's SIGTERM, or Ctrl-C, during a stage (extract-audio, embed-images): the stage stops between
+writes, with its clean-up run, instead of dying on the spot with parts half-written and its worker processes
+dying in the middle of theirs."""
 from __future__ import annotations
 
 import contextlib
@@ -7,9 +8,11 @@ import signal
 import threading
 from typing import Iterator
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
 
 class Stopped(BaseException):
-    """SIGTERM arrived while a stage ran. A BaseException, so that no `except Exception` of a loop that must
+    """SIGTERM or SIGINT arrived while a stage ran. A BaseException, so that no `except Exception` of a loop that must
     survive one bad file takes it for that file's error."""
 
     def __init__(self, signum: int):
@@ -19,9 +22,9 @@ class Stopped(BaseException):
 
 @contextlib.contextmanager
 def stop_on_sigterm() -> Iterator[None]:
-    """While it is held, SIGTERM raises Stopped in the main thread (elsewhere nothing is installed): the part
-    being written by this process is dropped, its worker processes finish the parts they hold (they ignore
-    the signal: ignore_sigterm) and the parts queued for them are cancelled."""
+    """While it is held, SIGTERM or SIGINT raises Stopped in the main thread (elsewhere nothing is installed):
+    the part being written by this process is dropped, its worker processes finish the parts they hold (they
+    ignore the signals: ignore_sigterm) and the parts queued for them are cancelled."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -29,14 +32,16 @@ def stop_on_sigterm() -> Iterator[None]:
     def stop(signum, frame):
         raise Stopped(signum)
 
-    previous = signal.signal(signal.SIGTERM, stop)
+    previous = {s: signal.signal(s, stop) for s in STOP_SIGNALS}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def ignore_sigterm(*_) -> None:
-    """Worker initializer: a scheduler signals the whole process group; the stage's main process decides
-    when its workers stop, so that none dies in the middle of a part it writes or hands over."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    """Worker initializer: a scheduler (or Ctrl-C) signals the whole process group; the stage's main process
+    decides when its workers stop, so that none dies in the middle of a part it writes or hands over."""
+    for s in STOP_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)

@@ -204,7 +204,8 @@ def test_rerun_after_kill_9_finishes_and_equals_an_uninterrupted_run(tmp_path, c
     assert_same_cache(cache, caches("hdf5"))
 
 
-def test_a_scheduler_s_sigterm_stops_between_parts_and_the_rerun_resumes(tmp_path, corpus, caches):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_scheduler_s_sigterm_stops_between_parts_and_the_rerun_resumes(tmp_path, corpus, caches, sig):
     """SIGTERM to the whole process group (Slurm's notice): the workers finish the parts in hand, the queued
     ones are cancelled, nothing half-written is left, the command says so and exits 143; a rerun resumes."""
     cache, store = tmp_path / "cache", tmp_path / "cache" / AUDIO_STORE
@@ -218,10 +219,10 @@ def test_a_scheduler_s_sigterm_stops_between_parts_and_the_rerun_resumes(tmp_pat
         if 1 <= len(completed_parts(store)) < n_parts - 4:
             break
         time.sleep(0.002)
-    os.killpg(proc.pid, signal.SIGTERM)
+    os.killpg(proc.pid, sig)                 # SIGINT: Ctrl-C, which the terminal sends to the group
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 128 + signal.SIGTERM, err
-    assert "extract-audio: SIGTERM received: stopped; the parts it completed are kept" in err
+    assert proc.returncode == 128 + sig, err
+    assert f"extract-audio: {signal.Signals(sig).name} received: stopped; the parts it completed are kept" in err
     assert "Traceback" not in err
     done = completed_parts(store)
     assert 1 <= len(done) < n_parts and not (store / "index.h5").exists()
