@@ -128,9 +128,9 @@ def _stage(name: str, fn, cfg):
     """A stage under a scheduler's SIGTERM or Ctrl-C: it stops between writes, says so and exits 128 + the
     signal's number (143, 130), so that a job script does not take the stage for finished; what it completed
     stays for the rerun."""
-    from pipeline.stopping import Stopped, stop_on_sigterm
+    from pipeline.stopping import Stopped, stop_on_signals
     try:
-        with stop_on_sigterm():
+        with stop_on_signals():
             return _run(fn, cfg)
     except Stopped as e:
         click.echo(f"{name}: {e} received: stopped; the parts it completed are kept: run the same command "

@@ -30,7 +30,7 @@ from pipeline.corpus import read_corpus
 from pipeline.extract import check_device, corpus_digest, default_workers
 from pipeline.images import embed_image_files
 from pipeline.keywords import DEFAULT_PROMPT, load_keywords
-from pipeline.stopping import ignore_sigterm
+from pipeline.stopping import ignore_stop_signals
 from pipeline.towers import Tower, pipelined, text_tower
 from pipeline.versions import versions
 
@@ -439,7 +439,7 @@ def _embedded_texts(teacher: Teacher, tower: Tower, batches: list[tuple[list[str
     loader = torch.utils.data.DataLoader(
         TokenBatches(teacher.tokenizer, batches), batch_size=None, num_workers=workers,
         pin_memory=cfg.device.startswith("cuda"), prefetch_factor=4 if workers else None,
-        worker_init_fn=ignore_sigterm)
+        worker_init_fn=ignore_stop_signals)
     return pipelined(tower, ((tokens.to(cfg.device, non_blocking=True), tag) for tokens, tag in loader))
 
 

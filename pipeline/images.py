@@ -16,7 +16,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torchvision import transforms as T
 
-from pipeline.stopping import ignore_sigterm
+from pipeline.stopping import ignore_stop_signals
 from pipeline.towers import image_tower, pipelined
 
 JPEG_START, JPEG_END = b"\xff\xd8", b"\xff\xd9"
@@ -269,7 +269,7 @@ def embed_image_files(model, preprocess, paths: list[str], device: str = "cpu", 
     loader = torch.utils.data.DataLoader(
         files, batch_size=batch_size, num_workers=workers, collate_fn=files.collate,
         pin_memory=device.startswith("cuda") and not gpu_decode, prefetch_factor=4 if workers else None,
-        worker_init_fn=ignore_sigterm)
+        worker_init_fn=ignore_stop_signals)
     if gpu_decode:
         batches = _decoded_ahead(loader, preprocess, device)
     else:

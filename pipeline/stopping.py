@@ -21,10 +21,10 @@ class Stopped(BaseException):
 
 
 @contextlib.contextmanager
-def stop_on_sigterm() -> Iterator[None]:
+def stop_on_signals() -> Iterator[None]:
     """While it is held, SIGTERM or SIGINT raises Stopped in the main thread (elsewhere nothing is installed):
     the part being written by this process is dropped, its worker processes finish the parts they hold (they
-    ignore the signals: ignore_sigterm) and the parts queued for them are cancelled."""
+    ignore the signals: ignore_stop_signals) and the parts queued for them are cancelled."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -40,7 +40,7 @@ def stop_on_sigterm() -> Iterator[None]:
             signal.signal(s, handler)
 
 
-def ignore_sigterm(*_) -> None:
+def ignore_stop_signals(*_) -> None:
     """Worker initializer: a scheduler (or Ctrl-C) signals the whole process group; the stage's main process
     decides when its workers stop, so that none dies in the middle of a part it writes or hands over."""
     for s in STOP_SIGNALS:

@@ -456,7 +456,7 @@ def test_a_sigterm_mid_stage_leaves_no_part_half_written(corpus, teacher, tmp_pa
     import os
     import signal
     from pipeline import embed as embed_module
-    from pipeline.stopping import Stopped, stop_on_sigterm
+    from pipeline.stopping import Stopped, stop_on_signals
     calls = []
     add_rows = embed_module._PartStream.add_rows
 
@@ -467,7 +467,7 @@ def test_a_sigterm_mid_stage_leaves_no_part_half_written(corpus, teacher, tmp_pa
             os.kill(os.getpid(), signal.SIGTERM)
     monkeypatch.setattr(embed_module._PartStream, "add_rows", add_rows_then_signal)
     cache = tmp_path / "cache"
-    with stop_on_sigterm(), pytest.raises(Stopped):
+    with stop_on_signals(), pytest.raises(Stopped):
         run(corpus, cache, teacher, part_size=3, batch_size=2, draft=False)
     assert not list(cache.rglob("*.tmp-*")) and completed_parts(cache / IMAGE_STORE)
     monkeypatch.setattr(embed_module._PartStream, "add_rows", add_rows)
