@@ -30,7 +30,7 @@ from pipeline.corpus import read_corpus
 from pipeline.extract import check_device, corpus_digest, default_workers
 from pipeline.images import embed_image_files
 from pipeline.keywords import DEFAULT_PROMPT, load_keywords
-from pipeline.stopping import ignore_stop_signals
+from pipeline.stopping import ignore_stop_signals, raise_if_stopped
 from pipeline.towers import Tower, pipelined, text_tower
 from pipeline.versions import versions
 
@@ -391,6 +391,7 @@ def _embed_image_store(cfg, fmt, teacher: Teacher, images: list[tuple[str, str]]
                                     draft_size=draft, gpu_decode=cfg.gpu_decode,
                                     cuda_graph=cfg.cuda_graph) if jobs else []
         for embeddings, reasons in batches:
+            raise_if_stopped()   # SIGTERM or Ctrl-C: the open part is dropped (stream.abort below)
             # one row per image whose reason is "": written a run at a time (a run ends at a failure or
             # at the end of a part), failures one by one, all in item order
             batch, row, run = jobs[consumed:consumed + len(reasons)], 0, []
@@ -458,6 +459,7 @@ def _embed_text_store(cfg, fmt, teacher: Teacher, tower: Tower, captions: list[t
     with tqdm(total=sum(len(parts[k]) for k in todo), unit="caption", desc="embed captions",
               disable=not cfg.progress or not todo) as bar:
         for emb, (k, stop) in _embedded_texts(teacher, tower, batches, cfg, cfg.workers):
+            raise_if_stopped()   # between parts' writes: each is written whole, below
             done.setdefault(k, []).append(emb)
             bar.update(len(emb))
             if stop == parts[k].stop:

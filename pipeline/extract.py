@@ -31,6 +31,7 @@ from pipeline.audio_part import (STORE_DTYPE, compute_features, decode_part, ext
 from pipeline.corpus import Corpus, read_corpus
 from pipeline.features import NORM_EPS
 from pipeline.recipes import get_recipe
+from pipeline.stopping import raise_if_stopped, stop_requested
 
 DEFAULT_PART_SIZE = 500      # utterances per part: the unit of resume and sharding
 
@@ -328,6 +329,8 @@ def _run_parts(cfg: ExtractConfig, recipe, tasks: list[tuple[int, list]], summar
         try:
             pending, running = list(reversed(tasks)), set()
             while pending or running:
+                if stop_requested():   # SIGTERM or Ctrl-C: the parts in hand finish, no others start
+                    pending.clear()
                 while pending and len(running) < limit:
                     running.add(pool.submit(decode_part if batched else extract_part, pending.pop()))
                 progress.drain(ticks)
@@ -346,13 +349,14 @@ def _run_parts(cfg: ExtractConfig, recipe, tasks: list[tuple[int, list]], summar
         except BrokenProcessPool as err:
             raise WorkerDied("a worker process died (out of memory? killed?); the parts it finished are "
                              "kept: run the same command again to resume") from err
-        except BaseException:   # Stopped (SIGTERM), KeyboardInterrupt: the parts in hand finish, no others
+        except BaseException:   # a second stop signal, an error of ours: the parts in hand finish, no others
             pool.shutdown(wait=True, cancel_futures=True)
             raise
         finally:
             torch.set_num_threads(threads)
             progress.bar.close()
     summary.work_seconds = time.perf_counter() - started
+    raise_if_stopped()
 
 
 def _write_decoded(cfg: ExtractConfig, recipe, part: int, utts: list[dict], decoded: list,

@@ -9,11 +9,12 @@ import threading
 from typing import Iterator
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+_requested: list[int] = []   # the signal that asked the running stage to stop, if one did
 
 
 class Stopped(BaseException):
-    """SIGTERM or SIGINT arrived while a stage ran. A BaseException, so that no `except Exception` of a loop that must
-    survive one bad file takes it for that file's error."""
+    """SIGTERM or SIGINT arrived while a stage ran. A BaseException, so that no `except Exception` of a loop
+    that must survive one bad file takes it for that file's error."""
 
     def __init__(self, signum: int):
         super().__init__(signal.Signals(signum).name)
@@ -22,22 +23,37 @@ class Stopped(BaseException):
 
 @contextlib.contextmanager
 def stop_on_signals() -> Iterator[None]:
-    """While it is held, SIGTERM or SIGINT raises Stopped in the main thread (elsewhere nothing is installed):
-    the part being written by this process is dropped, its worker processes finish the parts they hold (they
-    ignore the signals: ignore_stop_signals) and the parts queued for them are cancelled."""
+    """While it is held, SIGTERM or SIGINT asks the stage to stop (main thread only; elsewhere nothing is
+    installed). The handler only notes it: the stage's loops call raise_if_stopped() or stop_requested() at
+    points where stopping is safe (an exception raised inside a pool's or a queue's own code could leave its
+    locks held and hang the clean-up). A second signal raises Stopped at once: the way out of a stage that
+    hangs."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
-    def stop(signum, frame):
-        raise Stopped(signum)
+    def note(signum, frame):
+        if _requested:
+            raise Stopped(signum)
+        _requested.append(signum)
 
-    previous = {s: signal.signal(s, stop) for s in STOP_SIGNALS}
+    previous = {s: signal.signal(s, note) for s in STOP_SIGNALS}
     try:
         yield
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+        _requested.clear()
+
+
+def stop_requested() -> bool:
+    return bool(_requested)
+
+
+def raise_if_stopped() -> None:
+    """Stopped, if a signal asked the stage to stop: called between writes."""
+    if _requested:
+        raise Stopped(_requested[0])
 
 
 def ignore_stop_signals(*_) -> None:
