@@ -176,9 +176,11 @@ def existing_files(paths: list[str]) -> set[str]:
 
 def _finish(kind: str, root: Path, utterances: list[Utterance], report: CorpusReport,
             check_files: bool) -> Corpus:
-    """Reports missing files and refuses a corpus in which no utterance has its audio."""
+    """Reports missing files and refuses a corpus in which no utterance has its audio, or in which one image
+    id names two files or one caption id two texts."""
+    image_of = _one_per_id(root, utterances)
     if check_files:
-        images = list({u.image_id: u.image_path for u in utterances}.values())
+        images = list(image_of.values())
         present = existing_files([u.audio_path for u in utterances] + images)
         usable = 0
         seen_images: set[str] = set()
@@ -197,6 +199,31 @@ def _finish(kind: str, root: Path, utterances: list[Utterance], report: CorpusRe
         why = "; ".join(report.lines()) or "it lists no utterances"
         raise ValueError(f"{root}: no usable utterances in this {kind} corpus: {why}")
     return Corpus(kind, str(root), utterances, report)
+
+
+def _one_per_id(root: Path, utterances: list[Utterance]) -> dict[str, str]:
+    """{image id: image path}; ValueError where an image id names two files or a caption id has two texts:
+    the stages embed each id once, so the other file's (or text's) utterances would be trained against the
+    first one's embedding."""
+    image_of: dict[str, str] = {}
+    caption_of: dict[str, str] = {}
+    for u in utterances:
+        if image_of.setdefault(u.image_id, u.image_path) != u.image_path \
+                and os.path.normpath(image_of[u.image_id]) != os.path.normpath(u.image_path):
+            first = next(v for v in utterances if v.image_id == u.image_id)
+            raise ValueError(
+                f"{root}: image id {u.image_id!r} names two files, {first.image_path} (utterance {first.utt_id}) "
+                f"and {u.image_path} (utterance {u.utt_id}); each image is embedded once, by its id, so give "
+                "each file an id of its own (in a JSONL manifest an \"image_id\" field; the default is the file "
+                "name without its extension)")
+        if caption_of.setdefault(u.caption_id, u.caption) != u.caption:
+            first = next(v for v in utterances if v.caption_id == u.caption_id)
+            raise ValueError(
+                f"{root}: caption id {u.caption_id!r} has two texts, {first.caption!r} (utterance {first.utt_id}) "
+                f"and {u.caption!r} (utterance {u.utt_id}); each caption is embedded once, by its id, so give "
+                "each text an id of its own (in a JSONL manifest a \"caption_id\" field; the default is the "
+                "utterance id) or the same text")
+    return image_of
 
 
 def _split_name(raw: str, where: str) -> str:

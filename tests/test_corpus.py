@@ -258,6 +258,30 @@ def test_jsonl_manifest(tmp_path):
     assert f"{manifest}:6 caption: 123" in "\n".join(r.lines())
 
 
+def test_one_id_for_two_images_or_two_texts_is_refused(tmp_path):
+    """Images and captions are embedded once per id: two files under one image id (a JSONL manifest's default
+    id is the file's stem) would train the second file's utterances against the first one's embedding."""
+    def manifest(rows):
+        (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return read_jsonl(tmp_path / "m.jsonl", check_files=False)
+
+    row = {"audio": "w/0.wav", "image": "img/a/1.jpg", "caption": "a red square", "split": "train"}
+    same = manifest([row, {**row, "audio": "w/1.wav", "image": "img/./a/1.jpg"}])   # one file, spelled twice
+    assert {u.image_id for u in same.utterances} == {"1"}
+    with pytest.raises(ValueError) as err:
+        manifest([row, {**row, "audio": "w/1.wav", "image": "img/b/1.jpg", "caption": "a blue square"}])
+    message = str(err.value)
+    assert "image id '1' names two files" in message and str(tmp_path / "img" / "b" / "1.jpg") in message
+    assert "utterance 0" in message and "utterance 1" in message and '"image_id"' in message
+    with pytest.raises(ValueError, match="caption id 'c' has two texts, 'a red square' \\(utterance 0\\) and "
+                                         "'a blue square' \\(utterance 1\\)"):
+        manifest([{**row, "caption_id": "c"},
+                  {**row, "audio": "w/1.wav", "caption_id": "c", "caption": "a blue square"}])
+    # two speakers of one caption: one text, one id, as JSONL corpora may say
+    spoken_twice = manifest([{**row, "caption_id": "c"}, {**row, "audio": "w/1.wav", "caption_id": "c"}])
+    assert [u.caption_id for u in spoken_twice.utterances] == ["c", "c"]
+
+
 def test_unknown_paths_are_clear_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such corpus"):
         read_corpus(tmp_path / "nope")
