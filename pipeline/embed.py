@@ -27,7 +27,7 @@ from cache.store import (FAILURES_DIR, FORMATS, INDEX_FILE, PartWriter, check_sh
                          failures_path, plan_parts, read_store_json, recorded_failures, remove_leftovers,
                          reopen_failed_parts, shard_parts, store_settings_diff)
 from pipeline.corpus import read_corpus
-from pipeline.extract import check_device, corpus_digest, default_workers
+from pipeline.extract import check_device, corpus_digest, corpus_section, default_workers
 from pipeline.images import embed_image_files
 from pipeline.keywords import DEFAULT_PROMPT, load_keywords
 from pipeline.stopping import ignore_stop_signals, raise_if_stopped
@@ -264,6 +264,8 @@ def _embed_images(cfg: EmbedConfig, held: contextlib.ExitStack) -> EmbedSummary:
     cfg.cache.mkdir(parents=True, exist_ok=True)
     held.enter_context(shard_lock(cfg.cache, "embed-images", cfg.shard))   # until the stage returns
     _claim_clip(cfg, teacher.identity, settings)
+    if "corpus" not in manifest:   # before extract-audio: which corpus these embeddings are of, for it to check
+        claim_section(cfg.cache, "corpus", corpus_section(corpus))
     attrs = {"stage": "embed-images", "clip": {**teacher.identity, **settings},
              "versions": versions("open_clip_torch", "torchvision", "Pillow")}
 

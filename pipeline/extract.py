@@ -172,14 +172,20 @@ def corpus_digest(corpus: Corpus) -> str:
     return hashlib.sha1("".join(u.utt_id + "\n" for u in corpus.utterances).encode("utf-8")).hexdigest()
 
 
+def corpus_section(corpus: Corpus) -> dict:
+    """cache.json's 'corpus' section: which corpus the cache's audio and embeddings are of. Claimed by
+    whichever stage runs first, so that the other refuses another corpus."""
+    return {"kind": corpus.kind, "root": corpus.root, "utterances": len(corpus.utterances),
+            "splits": corpus.split_counts(), "ids_sha1": corpus_digest(corpus)}
+
+
 def _check_cache(cfg: ExtractConfig, corpus: Corpus, recipe) -> list[str]:
     """Records corpus, splits, records.jsonl and the feature settings in the cache, or refuses (before any
     work) a cache made with other settings, naming every setting that differs. A corpus that moved (the same
     utterances in the same order under another root) is followed: records.jsonl gets its new paths. Returns
     notes for the summary."""
     sections = {
-        "corpus": {"kind": corpus.kind, "root": corpus.root, "utterances": len(corpus.utterances),
-                   "splits": corpus.split_counts(), "ids_sha1": corpus_digest(corpus)},
+        "corpus": corpus_section(corpus),
         "audio": {"format": cfg.fmt, "features": recipe.to_dict(), "part_size": cfg.part_size},
     }
     manifest = read_manifest(cfg.cache)
@@ -197,10 +203,14 @@ def _check_cache(cfg: ExtractConfig, corpus: Corpus, recipe) -> list[str]:
         if moved_from != corpus.root:   # another corpus, not only another place
             diffs = settings_diff({"root": moved_from}, {"root": corpus.root}, "corpus") + diffs
         lines = "\n  ".join(diffs)
+        if any(line.startswith("corpus.") for line in diffs):
+            fix = (f"pass the corpus this cache is of as --data ({moved_from}), or use another --cache folder "
+                   "for this one")
+        else:
+            fix = (f"pass the settings it was made with (see {cfg.cache / 'cache.json'}), use another --cache "
+                   f"folder, or delete {store} and the 'audio' section of cache.json to compute the features again")
         raise CacheMismatchError(
-            f"cache {cfg.cache} was made with other settings than requested:\n  {lines}\nFix: pass the "
-            f"settings it was made with (see {cfg.cache / 'cache.json'}), use another --cache folder, or "
-            f"delete {store} and the 'audio' section of cache.json to compute the features again")
+            f"cache {cfg.cache} was made with other settings than requested:\n  {lines}\nFix: {fix}")
     notes = []
     if moved_from != corpus.root:   # records first: a run killed in between moves it again
         write_records(cfg.cache, [u.to_dict() for u in corpus.utterances])

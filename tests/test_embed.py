@@ -419,6 +419,23 @@ def test_refuses_a_corpus_other_than_the_one_of_the_cached_audio(corpus, teacher
     run(other, cache, teacher)              # the right corpus goes through
 
 
+def test_extract_audio_after_embed_images_refuses_another_corpus(corpus, teacher, tmp_path):
+    """embed-images may run first: the corpus it embedded is recorded, so that extract-audio refuses the audio
+    of another corpus with the same image ids (the trainer joins the two by id and would pair them)."""
+    from pipeline.extract import ExtractConfig, extract_audio
+    other = write_tiny_flickr(tmp_path / "other", images=4, seed=3)    # image ids 1000_0000.. as corpus's
+    cache = tmp_path / "cache"
+    run(corpus, cache, teacher)
+    assert read_manifest(cache)["corpus"]["root"] == str(corpus)
+    with pytest.raises(CacheMismatchError) as err:
+        extract_audio(ExtractConfig(data=other, cache=cache, workers=1, progress=False))
+    message = str(err.value)
+    assert "corpus.root" in message and f"pass the corpus this cache is of as --data ({corpus})" in message
+    assert "audio" not in read_manifest(cache) and not (cache / "records.jsonl").exists()
+    extract_audio(ExtractConfig(data=corpus, cache=cache, workers=1, progress=False))   # its own corpus goes
+    assert (cache / "records.jsonl").is_file()
+
+
 def test_refuses_a_manifest_of_the_same_utterances_with_other_caption_ids(teacher, tmp_path):
     """A JSONL manifest of the cached wavs whose caption ids are not extract-audio's: the trainer would find
     no caption embedding for any utterance; refused, naming records.jsonl, before anything is embedded."""
