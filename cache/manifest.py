@@ -193,15 +193,37 @@ def _same_number(a: Any, b: Any) -> bool:
             and not isinstance(b, bool) and a == b)
 
 
+_HELD_LOCKS: set[int] = set()   # descriptors of the locks (file_lock, shard_lock) this process holds
+
+
+def _drop_held_locks() -> None:
+    """In a forked child (a stage's worker): its copies of the held locks' descriptors are pointed at
+    /dev/null. A flock belongs to every copy, so a worker outliving a killed main process (kill -9) would
+    otherwise hold the lock, and every rerun would be refused as busy until someone found and killed it."""
+    if _HELD_LOCKS:
+        null = os.open(os.devnull, os.O_RDONLY)
+        try:
+            for fd in _HELD_LOCKS:
+                os.dup2(null, fd)   # not close: the child's file object still owns the number
+        finally:
+            os.close(null)
+        _HELD_LOCKS.clear()
+
+
+os.register_at_fork(after_in_child=_drop_held_locks)
+
+
 @contextlib.contextmanager
 def file_lock(path) -> Iterator[None]:
     """An exclusive lock (flock) on the file `path`, created if needed; the kernel drops it when its holder
     dies, so a killed stage never leaves a lock behind."""
     with open(path, "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
+        _HELD_LOCKS.add(lock.fileno())
         try:
             yield
         finally:
+            _HELD_LOCKS.discard(lock.fileno())
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
@@ -222,9 +244,11 @@ def shard_lock(cache_dir, stage: str, shard: tuple[int, int]) -> Iterator[None]:
         except BlockingIOError:
             raise StageBusyError(f"another {stage} is running --shard {i}/{n} on {cache_dir} (it holds {path}); "
                                  "wait for it to finish or stop it, then run this again") from None
+        _HELD_LOCKS.add(lock.fileno())
         try:
             yield
         finally:
+            _HELD_LOCKS.discard(lock.fileno())
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 

@@ -12,7 +12,7 @@ from cache.store import PartWriter, failures_path
 from pipeline.audio import AudioError, load_audio
 from pipeline.features import compute_batch, prepare
 from pipeline.recipes import get_recipe
-from pipeline.stopping import ignore_stop_signals
+from pipeline.stopping import die_with_parent, ignore_stop_signals
 from pipeline.versions import versions
 
 STORE_DTYPE = "float16"
@@ -99,6 +99,7 @@ _worker: dict = {}  # each worker process's recipe, store, format and progress q
 
 def init_worker(recipe_name: str, recipe_options: dict, store: Path, fmt: str, ticks) -> None:
     ignore_stop_signals()          # the stage's main process stops the pool (pipeline/stopping.py)
+    die_with_parent()              # and when it is killed, the pool dies with it
     torch.set_num_threads(1)  # one process per core; more threads per process only contend
     _worker.update(recipe=get_recipe(recipe_name, **recipe_options), store=store, fmt=fmt, ticks=ticks)
 

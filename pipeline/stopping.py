@@ -4,7 +4,9 @@ dying in the middle of theirs."""
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
+import sys
 import threading
 from typing import Iterator
 
@@ -61,3 +63,19 @@ def ignore_stop_signals(*_) -> None:
     decides when its workers stop, so that none dies in the middle of a part it writes or hands over."""
     for s in STOP_SIGNALS:
         signal.signal(s, signal.SIG_IGN)
+
+
+def die_with_parent() -> None:
+    """Worker initializer (Linux): the kernel kills this worker when the process that started it dies (kill
+    -9, the OOM killer). A process-pool worker outliving its main process would otherwise wait forever on
+    its task pipe, whose write end its own inherited copy keeps open. Elsewhere: nothing."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import multiprocessing
+    pr_set_pdeathsig = 1
+    if ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0) != 0:
+        return   # best effort: a seccomp filter may forbid it
+    parent = multiprocessing.parent_process()
+    if parent is not None and os.getppid() != parent.pid:   # it died before the prctl
+        os._exit(1)

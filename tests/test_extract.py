@@ -1,5 +1,6 @@
 """The extract-audio stage end to end on a tiny Flickr8k-layout corpus: both store formats read back by
 independent readers, resume after kill -9, shards, bad files and options, and speaker-level CMVN."""
+import contextlib
 import json
 import os
 import shutil
@@ -204,6 +205,44 @@ def test_rerun_after_kill_9_finishes_and_equals_an_uninterrupted_run(tmp_path, c
     assert_same_cache(cache, caches("hdf5"))
 
 
+def _alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie that no init reaps in a container has ended)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the workers' parent-death signal is Linux's")
+def test_kill_9_of_the_main_process_alone_takes_its_workers_and_lock_with_it(tmp_path, corpus, caches):
+    """The OOM killer takes the biggest process, the main one, not the group: its worker must not live on,
+    waiting forever for work and holding the shard lock, so that every rerun is refused as busy."""
+    cache, store = tmp_path / "cache", tmp_path / "cache" / AUDIO_STORE
+    proc = subprocess.Popen([sys.executable, str(REPO / "cli.py"), "extract-audio", "--data", str(corpus),
+                             "--cache", str(cache), "--part-size", str(PART), "--workers", "1"],
+                            cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
+    deadline, workers = time.monotonic() + 120, []
+    try:
+        while proc.poll() is None and time.monotonic() < deadline and not completed_parts(store):
+            time.sleep(0.002)
+        workers = [int(pid) for pid in children.read_text().split()] if proc.poll() is None else []
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        assert workers, "the run ended before it could be killed half way"
+        deadline = time.monotonic() + 20
+        while any(map(_alive, workers)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not any(map(_alive, workers)), "a worker outlived the killed main process"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    summary = run(corpus, cache)        # not refused as busy
+    assert summary.indexed == 5 * IMAGES
+    assert_same_cache(cache, caches("hdf5"))
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_a_scheduler_s_sigterm_stops_between_parts_and_the_rerun_resumes(tmp_path, corpus, caches, sig):
     """SIGTERM to the whole process group (Slurm's notice): the workers finish the parts in hand, the queued
@@ -369,6 +408,27 @@ def test_a_second_process_on_the_same_shard_is_refused_not_let_delete_the_first_
         assert code == 1 and "another extract-audio is running --shard 0/2" in out and "Traceback" not in out
     summary = run(corpus, cache, shard=(0, 2))                # once it is free
     assert summary.indexed == 5 * IMAGES
+
+
+def test_a_forked_child_does_not_keep_the_shard_lock_of_a_dead_parent(tmp_path):
+    """A flock belongs to every copy of its descriptor: a child that outlives the process holding the lock
+    (a worker a moment after kill -9 of its main process) must not keep the shard busy."""
+    from cache.manifest import shard_lock
+    script = (f"import os, sys, time; sys.path.insert(0, {str(REPO)!r}); from cache.manifest import shard_lock\n"
+              f"with shard_lock({str(tmp_path)!r}, 'extract-audio', (0, 1)):\n"
+              "    child = os.fork()\n"
+              "    if child == 0:\n"
+              "        null = os.open(os.devnull, os.O_RDWR); os.dup2(null, 1); os.dup2(null, 2)\n"
+              "        time.sleep(60); os._exit(0)\n"
+              "    print(child, flush=True); os._exit(0)\n")   # dies holding the lock, as after kill -9
+    child = int(subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                               check=True).stdout)
+    try:
+        assert _alive(child)
+        with shard_lock(tmp_path, "extract-audio", (0, 1)):   # not StageBusyError
+            pass
+    finally:
+        os.kill(child, signal.SIGKILL)
 
 
 @pytest.mark.parametrize("rate", [8000, 22050])
