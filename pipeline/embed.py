@@ -205,7 +205,13 @@ def _claim_clip(cfg: EmbedConfig, identity: dict, settings: dict) -> None:
     """Records the teacher in cache.json or checks it is the one there, with a message saying what differs."""
     cached = read_manifest(cfg.cache).get("clip")
     other_teacher = cached is not None and settings_diff({k: cached.get(k) for k in identity}, identity)
-    if other_teacher:
+    if cached is not None and not other_teacher and cached.get("format") != settings["format"]:
+        fix = (f"embed-images stores its embeddings in the format of the cache's audio (cache.json's 'audio' "
+               f"section), or hdf5 where extract-audio has not run yet: these embeddings are "
+               f"{cached.get('format')}, the audio {settings['format']}. Delete {cfg.cache}/images, texts and "
+               "keywords and the 'clip' section of cache.json and run embed-images again (once extract-audio has "
+               "run, so that every shard picks its format)")
+    elif other_teacher:
         fix = (f"{cfg.cache} holds embeddings of another CLIP teacher, and the trainer must not mix two "
                "teachers' embeddings: use another --cache directory for this one, or delete "
                f"{cfg.cache}/images, texts and keywords and the 'clip' section of cache.json to re-embed")

@@ -403,6 +403,13 @@ def test_refuses_to_mix_teachers_or_settings(corpus, teacher, tmp_path):
     assert "clip.dtype: cache has \"float16\", requested \"float32\"" in str(err.value)
     assert "same teacher, other settings" in str(err.value) and "--dtype" in str(err.value)
     assert read_manifest(cache)["clip"]["dtype"] == "float16"
+    # one shard before extract-audio (hdf5), the next after it wrote WebDataset audio: the format is the cause
+    from pipeline.extract import ExtractConfig, extract_audio
+    extract_audio(ExtractConfig(data=corpus, cache=cache, workers=1, fmt="wds", progress=False))
+    with pytest.raises(CacheMismatchError) as err:
+        run(corpus, cache, teacher, part_size=100)
+    assert "clip.format: cache has \"hdf5\", requested \"wds\"" in str(err.value)
+    assert "in the format of the cache's audio" in str(err.value) and "--dtype" not in str(err.value)
 
 
 def test_refuses_a_corpus_other_than_the_one_of_the_cached_audio(corpus, teacher, tmp_path):
