@@ -181,6 +181,39 @@ def test_resume_says_what_changed_and_when_nothing_is_left(tiny_cache, tmp_path,
     assert sorted(logged_losses(out)) == [1, 2, 3, 4]
 
 
+def test_resume_applies_a_new_weight_decay_and_says_that_the_schedule_stretches(tiny_cache, tmp_path, capsys):
+    """Changes on --resume are announced as applied: the optimiser's saved weight decay must not win over the
+    new one (only the learning rate was set anew), and a new --steps moves the cosine under the run's feet."""
+    out = tmp_path / "run"
+    train(tiny_config(tiny_cache, out, steps=4, stop_after=2, weight_decay=0.01))
+    capsys.readouterr()
+    train(tiny_config(tiny_cache, out, steps=6, stop_after=1, resume=True, weight_decay=0.5))
+    said = capsys.readouterr().out
+    assert "weight_decay 0.01 -> 0.5" in said
+    assert "--resume: steps 4 -> 6: the learning-rate schedule now decays over 6 steps; at step 2 it is" in said
+    groups = load_checkpoint(out / "last.pt")["optimizer"]["param_groups"]
+    assert [g["weight_decay"] for g in groups] == [0.5, 0.0]
+
+
+def test_best_pt_follows_a_new_best_metric_and_the_last_weights_until_validated(tiny_cache, tmp_path, capsys):
+    """best.pt is chosen by one metric: a resume with another --best-metric starts the choice afresh (an R@10
+    of 100 must not outrank every later loss); without validation yet, best.pt is the newest weights, as the
+    command says, in every invocation."""
+    out = tmp_path / "run"
+    train(tiny_config(tiny_cache, out, steps=8, stop_after=3))
+    train(tiny_config(tiny_cache, out, steps=8, stop_after=3, resume=True))
+    assert load_checkpoint(out / "best.pt")["step"] == 6 and load_checkpoint(out / "last.pt")["step"] == 6
+    out = tmp_path / "metric"
+    train(tiny_config(tiny_cache, out, steps=6, eval_every=2, stop_after=2, best_metric="audio_to_image_R@10"))
+    assert load_checkpoint(out / "last.pt")["best"]["metric"] == "audio_to_image_R@10"
+    capsys.readouterr()
+    train(tiny_config(tiny_cache, out, steps=6, eval_every=2, resume=True, best_metric="loss"))
+    assert "from now on by loss: the next validation replaces it" in capsys.readouterr().out
+    best = load_checkpoint(out / "last.pt")["best"]
+    assert best["metric"] == "loss" and best["step"] in (4, 6)
+    assert load_checkpoint(out / "best.pt")["step"] == best["step"]
+
+
 def test_resume_takes_the_run_settings_from_its_config(tiny_cache, tmp_path):
     """`train --cache C --out RUN --resume` alone continues a run started with many options (the job
     script's second line need not repeat the first's): the same losses as a run that never stopped."""
@@ -330,6 +363,23 @@ def test_stream_refuses_more_ranks_than_shards_and_caps_readers(tiny_wds_cache, 
     with caplog.at_level(logging.WARNING, logger="trainer.stream"):
         assert StreamBatches(rank=1, world=2, workers=3, **args).workers == 2
     assert "using 2 reader(s) per process" in caplog.text
+
+
+def test_a_stream_position_is_only_restored_under_the_same_cut_of_the_pass(tiny_wds_cache):
+    """A position is batch k of pass p: under another --stream-buffer, batch size or seed, skipping k batches
+    of the new cut would repeat utterances within the pass; the stream starts a new order instead."""
+    data = load_split(tiny_wds_cache, "train", features=False)
+    args = dict(data=data, cache=tiny_wds_cache, rank=0, world=1, workers=0, max_frames=2048,
+                device=torch.device("cpu"))
+    first = StreamBatches(schedule=[(0, 2)], seed=0, buffer=16, **args)
+    for step in range(3):
+        first.next(step)
+    state = first.state_dict()
+    first.close()
+    assert StreamBatches(schedule=[(0, 2)], seed=0, buffer=16, **args).load_state_dict(state, 3)
+    for changed in (dict(buffer=40), dict(schedule=[(0, 4)]), dict(seed=1)):
+        options = {"schedule": [(0, 2)], "seed": 0, "buffer": 16, **changed}
+        assert not StreamBatches(**options, **args).load_state_dict(state, 3), changed
 
 
 def test_pass_batches_respect_sizes_the_rule_and_use_each_utterance_once():
@@ -618,6 +668,16 @@ def test_a_checkpoint_refuses_a_cache_of_another_teacher(learned, tiny_cache, tm
     (other / "cache.json").write_text(json.dumps(manifest))   # another recipe: its name, not each setting
     result = CliRunner().invoke(cli_main, ["evaluate", "--cache", str(other), "--checkpoint", str(out / "best.pt")])
     assert "other features settings" in result.output and "(name 'mfcc-seed' -> 'mfcc-kaldi')" in result.output
+
+
+def test_a_checkpoint_is_evaluated_on_a_copy_of_its_cache_in_another_format(learned, tiny_cache, tiny_wds_cache):
+    """The same corpus, teacher and features stored as WebDataset shards instead of HDF5 (or at another
+    --dtype, part size): the same embeddings, so evaluate and --resume take it."""
+    out, _, _ = learned
+    assert json.loads((tiny_wds_cache / "cache.json").read_text())["clip"]["format"] == "wds"
+    result = CliRunner().invoke(cli_main, ["evaluate", "--cache", str(tiny_wds_cache), "--checkpoint",
+                                           str(out / "best.pt")])
+    assert result.exit_code == 0, result.output
 
 
 def test_evaluate_leaves_out_what_failed_in_the_stages(learned, tiny_corpus, tiny_teacher, tmp_path, caplog):

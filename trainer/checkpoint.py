@@ -36,13 +36,25 @@ def cache_identity(manifest: dict) -> dict:
     return {"features": manifest.get("audio", {}).get("features"), "clip": manifest.get("clip")}
 
 
+# of the 'clip' section, what makes the teacher another one; the rest says how its embeddings were computed or
+# stored (--format, --dtype, part size, --gpu-decode, precision, open_clip's version), which leaves them equal
+# or within float16 rounding: a run trained on an hdf5 cache may be evaluated on a wds copy of it
+TEACHER_KEYS = ("model", "pretrained", "weights_sha256", "random_init_seed", "embed_dim", "preprocess")
+
+
+def _compared(section: str, settings: dict) -> dict:
+    return {k: settings.get(k) for k in TEACHER_KEYS} if section == "clip" else settings
+
+
 def check_same_cache(manifest: dict, state: dict, checkpoint: Path, cache: Path, fix: str) -> None:
     """A checkpoint is only meaningful against the features and the CLIP teacher it was trained with:
     ValueError naming the differing settings and `fix` otherwise."""
     trained, now = state.get("cache") or {}, cache_identity(manifest)
     for section in ("features", "clip"):
-        if trained.get(section) is not None and now[section] is not None and trained[section] != now[section]:
-            before, after = trained[section], now[section]
+        if trained.get(section) is None or now[section] is None:
+            continue
+        before, after = _compared(section, trained[section]), _compared(section, now[section])
+        if before != after:
             # another recipe or model altogether: its name says it (its other settings differ by the dozen)
             keys = ["name"] if before.get("name") != after.get("name") else \
                 sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))

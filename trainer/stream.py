@@ -308,19 +308,31 @@ class StreamBatches:
                      self.data.images[self.data.image_index[positions]], self.data.texts[positions],
                      len(positions) * self.world)
 
+    # what cuts a pass into batches: a position (batch k of pass p) means the same batches only under these
+    CUT_BY = ("schedule", "seed", "buffer", "one_caption_per_image", "bucket")
+
     def state_dict(self) -> dict:
-        return {"mode": "stream", "workers": self.workers, "world": self.world,
-                "positions": {str(r): list(p) for r, p in self.positions.items()}}
+        return {"mode": "stream", "workers": self.workers, "world": self.world, "generation": self.generation,
+                "positions": {str(r): list(p) for r, p in self.positions.items()},
+                **{k: self._cut(k) for k in self.CUT_BY}}
+
+    def _cut(self, key: str):
+        value = self.settings[key]
+        return [list(x) for x in value] if key == "schedule" else value
 
     def load_state_dict(self, state: dict, step: int) -> bool:
         """Restores the stream position; False (and a new shuffle seeded by `step`) when the checkpoint
-        was written with another number of processes or readers."""
+        was written with another number of processes or readers, or with settings that cut a pass into
+        other batches (batch size, --stream-buffer, seed): its positions would skip batches other than those
+        trained on, and repeat utterances within the pass."""
         if state.get("mode") != "stream":
             raise ValueError(f"the checkpoint was written with --data-mode {state.get('mode')}; resume it "
                              "with the same data mode")
-        if state["workers"] == self.workers and state["world"] == self.world:
+        same_cut = all(state.get(k, self._cut(k)) == self._cut(k) for k in self.CUT_BY)   # older: not kept
+        if state["workers"] == self.workers and state["world"] == self.world and same_cut:
             self.close()
             self.positions = {int(r): tuple(p) for r, p in state["positions"].items()}
+            self.generation = state.get("generation", 0)
             return True
         self.reshuffle(step)
         return False

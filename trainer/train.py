@@ -235,6 +235,13 @@ def _resume_notices(cfg: TrainConfig, state: dict, last: Path) -> list[str]:
     if changed:
         notes.append(f"--resume: {last} was trained with other settings; from step {state['step']} on, "
                      f"{', '.join(changed)}")
+    before_steps = before.get("steps", cfg.steps)
+    if before_steps != cfg.steps and state["step"] < cfg.steps:   # the cosine is stretched to the new length
+        at = state["step"]
+        old_lr = run_lr(at, before.get("lr", cfg.lr), before.get("warmup", cfg.warmup), before_steps)
+        new_lr = run_lr(at, cfg.lr, cfg.warmup, cfg.steps)
+        notes.append(f"--resume: steps {before_steps} -> {cfg.steps}: the learning-rate schedule now decays over "
+                     f"{cfg.steps} steps; at step {at} it is {new_lr:.3g} (it was {old_lr:.3g})")
     if state["step"] >= cfg.steps:
         notes.append(f"--resume: {last} is at step {state['step']}, --steps is {cfg.steps}: nothing to train; "
                      "raise --steps to continue the run")
@@ -254,7 +261,10 @@ def _restore(run: Run, state: dict, last: Path) -> dict:
                          "with the same data mode")
     run.model.load_state_dict(state["model"])
     run.loss_fn.load_state_dict(state["loss"])
+    decay = [group["weight_decay"] for group in run.optimizer.param_groups]
     run.optimizer.load_state_dict(state["optimizer"])
+    for group, value in zip(run.optimizer.param_groups, decay):   # this run's --weight-decay, not the saved one
+        group["weight_decay"] = value                               # (lr is set at every step)
     run.step = state["step"]
     ranks = state["ranks"]
     mine = ranks[run.rank] if len(ranks) == run.world else None
@@ -273,8 +283,10 @@ def _restore(run: Run, state: dict, last: Path) -> dict:
     if not exact and run.rank == 0:
         fresh = "random draws (dropout, SpecAugment)" if run.cfg.data_mode == "memory" else \
             "random draws and the stream's order"
-        print(f"--resume: {last} was written by {len(ranks)} process(es) (or other stream readers): model, "
-              f"optimiser and schedule continue exactly, the {fresh} start afresh")
+        other = " (or other stream readers, or another batch size, --stream-buffer or --seed)" \
+            if run.cfg.data_mode == "stream" else ""
+        print(f"--resume: {last} was written by {len(ranks)} process(es){other}: model, optimiser and schedule "
+              f"continue exactly, the {fresh} start afresh")
     return state["best"]
 
 
@@ -356,10 +368,15 @@ def train(cfg: TrainConfig) -> dict:
     window = {"loss": 0.0, "n": 0}        # the log window's losses so far (a resumed run continues it)
     elapsed = 0.0                         # wall seconds of the loop in earlier invocations of this run
     if state is not None:
-        best, window = _restore(run, state, last), state.get("window", window)
+        restored, window = _restore(run, state, last), state.get("window", window)
         if main:
             for note in _resume_notices(cfg, state, last):
                 print(note)
+        if restored["metric"] == metric:
+            best = restored
+        elif main and restored["value"] is not None:   # values of two metrics do not compare
+            print(f"--resume: best.pt was chosen by {restored['metric']} ({restored['value']:.2f} at step "
+                  f"{restored['step']}); from now on by {metric}: the next validation replaces it")
         elapsed = state.get("elapsed_s", 0.0)
     elif cfg.resume and main:
         print(f"--resume: no {last} yet, starting a fresh run")
@@ -451,7 +468,7 @@ def train(cfg: TrainConfig) -> dict:
         print(f"train: {stopped} received; stopped after step {run.step} with {last} written: run the same "
               "command with --resume to continue", file=sys.stderr)
     if main:
-        if dev is None or not (out / "best.pt").exists():
+        if best["value"] is None:
             weights(out / "best.pt")   # nothing to choose by (yet): the last weights are the best we know
         plot_curves(log_path, out / "curves.png")
     if tb is not None:
