@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import multiprocessing as mp
 import os
 import sys
@@ -281,8 +282,7 @@ def _extract_audio(cfg: ExtractConfig, held: contextlib.ExitStack) -> ExtractSum
     if not summary.missing_parts:
         summary.indexed = build_index(store)
         record_stage_failures(cfg.cache, "audio", failures)
-        if getattr(recipe, "normalisation", None) == "speaker" and (
-                summary.parts_done or not (store / SPEAKER_CMVN).is_file()):
+        if getattr(recipe, "normalisation", None) == "speaker" and speaker_cmvn_stale(cfg.cache):
             write_speaker_cmvn(cfg.cache)
     summary.seconds = time.perf_counter() - started
     if summary.failures_total > cfg.max_failures or (summary.indexed == 0 and summary.failures_total):
@@ -380,6 +380,26 @@ def _write_decoded(cfg: ExtractConfig, recipe, part: int, utts: list[dict], deco
 
 # ---- speaker-level CMVN (mfcc-kaldi with normalisation=speaker) ----
 
+def _cmvn_basis(cache: Path, speaker_of: dict[str, str]) -> str:
+    """sha1 of what the speaker statistics are computed over: each indexed utterance's id, frames and speaker.
+    A part computed again (--retry-failed) or a speaker changed in the corpus makes the statistics stale."""
+    with StoreReader(cache / AUDIO_STORE) as reader:
+        ids, lengths = reader.ids, reader.lengths.tolist()
+    rows = "".join(f"{u}\t{n}\t{speaker_of.get(u)}\n" for u, n in zip(ids, lengths))
+    return hashlib.sha1(rows.encode("utf-8")).hexdigest()
+
+
+def speaker_cmvn_stale(cache: Path) -> bool:
+    """Whether CACHE/audio/speaker_cmvn.json is missing or was computed over other utterances, frames or
+    speakers than the index and records.jsonl now hold."""
+    path = Path(cache) / AUDIO_STORE / SPEAKER_CMVN
+    try:
+        recorded = json.loads(path.read_text(encoding="utf-8")).get("basis")
+    except (FileNotFoundError, ValueError):
+        return True
+    return recorded != _cmvn_basis(Path(cache), {r["utt_id"]: r["speaker"] for r in read_records(cache)})
+
+
 def write_speaker_cmvn(cache: Path) -> Path:
     """Per-speaker mean and std [dims] (ddof=0) over every frame in CACHE/audio, speakers from records.jsonl,
     written atomically to CACHE/audio/speaker_cmvn.json; the trainer applies (x - mean) / (std + eps).
@@ -399,5 +419,6 @@ def write_speaker_cmvn(cache: Path) -> Path:
                     "std": np.sqrt(np.maximum(s2 / n - (s1 / n) ** 2, 0.0)).tolist()}
                 for s, (n, shift, s1, s2) in sorted(sums.items())}
     path = cache / AUDIO_STORE / SPEAKER_CMVN
-    atomic_write_json(path, {"version": 1, "dims": dims, "eps": NORM_EPS, "speakers": speakers})
+    atomic_write_json(path, {"version": 1, "dims": dims, "eps": NORM_EPS, "speakers": speakers,
+                             "basis": _cmvn_basis(cache, speaker_of)})
     return path

@@ -544,6 +544,32 @@ def test_speaker_cmvn_is_computed_with_the_index_and_applied_by_the_trainer(tmp_
     shutil.rmtree(cache)
 
 
+def test_speaker_cmvn_is_computed_again_when_the_indexed_utterances_change(tmp_path):
+    """A --retry-failed run stopped after its part was written but before the statistics: they still lack the
+    fixed utterance's frames. The next run (or --index-only) sees that the index holds other utterances than
+    the statistics were computed over, and computes them again."""
+    good = write_tiny_flickr(tmp_path / "good", images=2)
+    corpus = tmp_path / "corpus"
+    shutil.copytree(good, corpus)
+    wav = sorted((corpus / "flickr_audio" / "wavs").glob("*.wav"))[1]
+    wav.write_bytes(b"not a sound file" * 40)
+    cache, stats = tmp_path / "cache", tmp_path / "cache" / AUDIO_STORE / SPEAKER_CMVN
+    base = ["--data", str(corpus), "--cache", str(cache), "--part-size", "4", "--workers", "1", "--features",
+            "mfcc-kaldi", "--option", "normalisation=speaker"]
+    assert cli(*base)[0] == 0
+    without = stats.read_text()
+    shutil.copy(good / "flickr_audio" / "wavs" / wav.name, wav)
+    assert cli(*base, "--retry-failed")[0] == 0
+    fixed = stats.read_text()
+    assert json.loads(fixed)["speakers"] != json.loads(without)["speakers"]
+    stats.write_text(without)                 # as if stopped between the part and the statistics
+    code, out = cli(*base, "--index-only")
+    assert code == 0, out
+    assert stats.read_text() == fixed
+    stats.write_text(without)
+    assert cli(*base)[0] == 0 and stats.read_text() == fixed
+
+
 def test_streamed_batches_get_the_same_speaker_cmvn_as_memory(tmp_path, corpus):
     """--data-mode stream normalises each batch by its speakers' statistics: the same rows as load_split."""
     from trainer.stream import ShardStream, shard_plan
