@@ -292,10 +292,14 @@ def replace_section(cache_dir, section: str, settings: dict) -> None:
         atomic_write_json(cache_dir / MANIFEST, manifest)
 
 
+def records_text(records: list[dict]) -> str:
+    """records.jsonl's text for `records` (one JSON object each, e.g. an Utterance as a dict)."""
+    return "".join(to_json(r, f"record {i} for {RECORDS}") + "\n" for i, r in enumerate(records))
+
+
 def write_records(cache_dir, records: list[dict]) -> None:
-    """Write `records` (one JSON object each, e.g. an Utterance as a dict) to records.jsonl atomically."""
-    lines = [to_json(r, f"record {i} for {RECORDS}") for i, r in enumerate(records)]
-    atomic_write_text(pathlib.Path(cache_dir) / RECORDS, "".join(line + "\n" for line in lines))
+    """Write `records` to records.jsonl atomically."""
+    atomic_write_text(pathlib.Path(cache_dir) / RECORDS, records_text(records))
 
 
 def _read_jsonl(path: pathlib.Path, tolerate_torn_tail: bool) -> list[dict]:

@@ -310,6 +310,35 @@ def test_a_corpus_moved_between_runs_is_followed(tmp_path, corpus, caches):
     assert json.loads((cache / "cache.json").read_text())["corpus"]["root"] == str(moved)
 
 
+def test_records_follow_a_corpus_split_or_captioned_anew(tmp_path, corpus):
+    """The same utterances, split anew (dev and test lists swapped, another size) or with corrected captions:
+    the features stay, and records.jsonl, which train and evaluate take the splits and captions from, follows
+    the corpus instead of keeping the old ones; the note says what changed and what embed-images must redo."""
+    from pipeline.corpus import read_corpus
+    copy = tmp_path / "corpus"
+    shutil.copytree(corpus, copy)
+    cache = tmp_path / "cache"
+    run(copy, cache)
+    (cache / "texts").mkdir()                            # as if embed-images had run
+    text = copy / "Flickr8k_text"
+    dev, test = (text / "Flickr_8k.devImages.txt").read_text().split(), \
+        (text / "Flickr_8k.testImages.txt").read_text().split()
+    (text / "Flickr_8k.devImages.txt").write_text("\n".join(test + dev[:1]) + "\n")
+    (text / "Flickr_8k.testImages.txt").write_text("\n".join(dev[1:]) + "\n")
+    tokens = text / "Flickr8k.token.txt"
+    first = tokens.read_text().splitlines()[0]
+    tokens.write_text(tokens.read_text().replace(first, first + " corrected", 1))
+    summary = run(copy, cache)
+    assert summary.parts_done == 0
+    said = "\n".join(summary.lines())
+    assert "records.jsonl follows the corpus, whose utterances changed: caption (1), split (" in said
+    assert f"the caption embeddings in {cache / 'texts'} are of the old texts" in said
+    want = read_corpus(copy)
+    assert read_records(cache) == [u.to_dict() for u in want.utterances]
+    assert json.loads((cache / "cache.json").read_text())["corpus"]["splits"] == want.split_counts()
+    assert "follows the corpus" not in "\n".join(run(copy, cache).lines())    # once
+
+
 # ---- bad input files ----
 
 def spoil(corpus: Path) -> dict[str, str]:
@@ -388,7 +417,7 @@ def test_a_records_file_cut_short_is_named_and_written_anew(tmp_path, corpus, ca
     with pytest.raises(ValueError, match="cut short|not valid JSON"):
         read_records(cache)      # what train, evaluate and embed-images read
     summary = run(corpus, cache)
-    assert f"{path} was cut short: written anew" in summary.lines() and path.read_bytes() == whole
+    assert f"{path} was cut short or cannot be read: written anew" in summary.lines() and path.read_bytes() == whole
     assert len(read_records(cache)) == 5 * IMAGES
 
 
