@@ -187,9 +187,9 @@ def test_resume_applies_a_new_weight_decay_and_says_that_the_schedule_stretches(
     out = tmp_path / "run"
     train(tiny_config(tiny_cache, out, steps=4, stop_after=2, weight_decay=0.01))
     capsys.readouterr()
-    train(tiny_config(tiny_cache, out, steps=6, stop_after=1, resume=True, weight_decay=0.5))
+    train(tiny_config(tiny_cache, out, steps=6, stop_after=1, resume=True, weight_decay=0.5, cpu_bf16=True))
     said = capsys.readouterr().out
-    assert "weight_decay 0.01 -> 0.5" in said
+    assert "weight_decay 0.01 -> 0.5" in said and "cpu_bf16 False -> True" in said
     assert "--resume: steps 4 -> 6: the learning-rate schedule now decays over 6 steps; at step 2 it is" in said
     groups = load_checkpoint(out / "last.pt")["optimizer"]["param_groups"]
     assert [g["weight_decay"] for g in groups] == [0.5, 0.0]

@@ -223,7 +223,7 @@ def _tensorboard(out: Path):
 # what the run learns with (the model's settings are checked apart): changing one on --resume is allowed
 # (e.g. a lower lr to finish) but said, as config.json is rewritten with the new values
 RECIPE_FIELDS = ("symmetric", "targets", "one_caption_per_image", "batch_size", "batch_schedule", "lr",
-                 "weight_decay", "warmup", "grad_clip", "spec_augment", "bucket", "seed", "best_metric")
+                 "weight_decay", "warmup", "grad_clip", "spec_augment", "bucket", "seed", "best_metric", "cpu_bf16")
 
 
 def _resume_notices(cfg: TrainConfig, state: dict, last: Path) -> list[str]:
