@@ -300,6 +300,20 @@ def test_sigterm_writes_last_pt_and_the_resumed_run_logs_the_same_losses(mode, s
     assert [parts[s] for s in whole] == [whole[s] for s in whole]
 
 
+def test_a_stream_reader_s_error_ends_the_command(tiny_wds_cache, tmp_path):
+    """Readers ignore SIGTERM (the training process stops them itself): after a reader's error the command
+    must still shut them down and exit with the message, not hang at exit on readers deaf to terminate()."""
+    args = [sys.executable, str(Path(__file__).resolve().parents[1] / "cli.py"), "train", "--cache",
+            str(tiny_wds_cache), "--out", str(tmp_path / "run"), "--preset", "demo", "--layers", "1",
+            "--threads", "1", "--device", "cpu", "--data-mode", "stream", "--workers", "2", "--batch-size", "12",
+            "--steps", "3", "--no-cpu-bf16"]
+    try:
+        done = subprocess.run(args, capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        pytest.fail("train hung after a stream reader's error")
+    assert done.returncode == 1 and "too few for a batch of 12" in done.stdout + done.stderr
+
+
 def test_a_second_ctrl_c_stops_at_once(capsys):
     """The first Ctrl-C asks for the end of the step and last.pt (said on stderr); a second one is the way out
     of a step that hangs, without saving; the handlers before are back afterwards."""

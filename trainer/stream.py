@@ -344,4 +344,10 @@ class StreamBatches:
         self.positions, self.generation = {}, step
 
     def close(self) -> None:
-        self._iter = self._loader = None   # the DataLoader iterator shuts its workers down when collected
+        """Shuts the readers down now. Not left to the DataLoader iterator's collection: after a reader's error
+        the traceback keeps the iterator alive until exit, where multiprocessing's terminate() (SIGTERM) is
+        lost on readers that ignore it, and its join() waited forever."""
+        shutdown = getattr(self._iter, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+        self._iter = self._loader = None
