@@ -356,6 +356,19 @@ def _make_demo(out, images, seed, workers, teacher_steps, overwrite) -> dict:
     return summary
 
 
+def _remove_demo_outputs(cache: Path, run: Path, *files: Path) -> None:
+    """Deletes a demo's cache, run and report files; refuses folders that are not a cache or a run."""
+    import shutil
+    for folder, marker in ((cache, "cache.json"), (run, "config.json")):
+        if folder.exists() and not (folder / marker).is_file():
+            raise FileExistsError(f"{folder}: not a clipspeech {folder.name} (no {marker}), so the demo will not "
+                                  "delete it; remove it yourself or choose another --out")
+    for folder in (cache, run):
+        shutil.rmtree(folder, ignore_errors=True)
+    for file in files:
+        file.unlink(missing_ok=True)
+
+
 @main.command(context_settings=CONTEXT)
 @click.option("--out", default=Path("demo"), show_default=True, type=click.Path(path_type=Path, file_okay=False),
               help="Holds corpus/, cache/, run/, eval.json and report.html; a rerun reuses what is done.")
@@ -366,7 +379,10 @@ def _make_demo(out, images, seed, workers, teacher_steps, overwrite) -> dict:
 @click.option("--steps", type=click.IntRange(min=1), default=None, help="Student training steps [demo preset].")
 @click.option("--teacher-steps", type=click.IntRange(min=1), default=None,
               help="Teacher training steps [200]; must match a teacher already in OUT.")
-def demo(out, images, seed, workers, steps, teacher_steps):
+@click.option("--overwrite", is_flag=True,
+              help="Replace a demo corpus made with another --images or --seed in OUT, and with it the cache, "
+                   "the run and the report made from the old one.")
+def demo(out, images, seed, workers, steps, teacher_steps, overwrite):
     """The whole chain on the built-in demo corpus: make-demo -> extract-audio -> embed-images -> train -> evaluate."""
     import time
     from pipeline.demo.make_demo import split_sizes
@@ -389,7 +405,9 @@ def demo(out, images, seed, workers, steps, teacher_steps):
             click.echo("\n".join(result.lines()), err=True)
         return result
 
-    summary = stage("make-demo", _make_demo, corpus, images, seed, workers, teacher_steps, False)
+    summary = stage("make-demo", _make_demo, corpus, images, seed, workers, teacher_steps, overwrite)
+    if "written" in summary:   # a new corpus: what was made from an old one (--overwrite) goes with it
+        _run(_remove_demo_outputs, cache, run, out / "eval.json", out / "report.html")
     stage("extract-audio", extract_audio, ExtractConfig(data=corpus, cache=cache, workers=workers))
     stage("embed-images", embed_images, EmbedConfig(data=corpus, cache=cache, model=f"local-dir:{summary['teacher']}",
                                                     workers=min(workers, 2), batch_size=100))

@@ -103,6 +103,24 @@ def test_a_rerun_reuses_what_is_done(demo_run):
     assert (out / "corpus" / "teacher" / "open_clip_model.safetensors").stat().st_mtime == teacher
 
 
+@pytest.mark.slow
+def test_overwrite_replaces_a_demo_of_other_settings_with_its_cache_and_run(demo_run, tmp_path):
+    """The refusal says to pass --overwrite, which demo takes: the corpus is made anew, and the cache, run and
+    report of the old corpus go with it (extract-audio would refuse the old cache for the new corpus)."""
+    import shutil
+    out = tmp_path / "demo"
+    shutil.copytree(demo_run[0], out)
+    args = ["demo", "--out", out, "--images", 12, "--steps", 5, "--teacher-steps", 20, "--workers", 2]
+    refused = cli(*args)
+    assert refused.returncode == 1 and "pass --overwrite to replace it" in refused.stderr
+    done = cli(*args, "--overwrite")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((out / "corpus" / "demo_config.json").read_text())["images"] == 12
+    assert json.loads((out / "cache" / "cache.json").read_text())["corpus"]["utterances"] == 12 * 5
+    steps = [json.loads(line)["step"] for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert max(steps) == 5 and (out / "eval.json").is_file()
+
+
 def test_evaluate_on_chosen_keywords(demo_run, tmp_path):
     out, _ = demo_run
     words = (out / "corpus" / "keywords.txt").read_text().split()
