@@ -324,17 +324,32 @@ def _read_jsonl(path: pathlib.Path, tolerate_torn_tail: bool) -> list[dict]:
     return rows
 
 
+def stage_command(cache_dir, stage: str, manifest: dict | None = None) -> str:
+    """The command line that runs `stage` on this cache, filled in with what cache.json knows (the corpus,
+    the teacher), for messages that send the user there: one that can be copied."""
+    manifest = read_manifest(cache_dir) if manifest is None else manifest
+    root = manifest.get("corpus", {}).get("root", "CORPUS")
+    line = f"clipspeech {stage} --data {root} --cache {cache_dir}"
+    if stage == "embed-images":
+        clip = manifest.get("clip") or {}
+        model = clip.get("model") or "NAME"
+        line += " --model " + ("local-dir:PATH" if model == "local-dir" else model)
+        if model != "local-dir":
+            line += f" --pretrained {clip.get('pretrained') or ('none' if clip else 'TAG|PATH|none')}"
+    return line
+
+
 def read_records(cache_dir) -> list[dict]:
     """The records of records.jsonl in file (corpus) order."""
     path = pathlib.Path(cache_dir) / RECORDS
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: it is written by the {RECORDS_STAGE} stage; run that "
-                                f"stage on this cache first")
+        raise FileNotFoundError(f"{path} not found: it is written by the {RECORDS_STAGE} stage; run "
+                                f"`{stage_command(cache_dir, RECORDS_STAGE)}` first")
     records = _read_jsonl(path, tolerate_torn_tail=False)
     expected = read_manifest(cache_dir).get("corpus", {}).get("utterances")
     if expected is not None and len(records) != expected:
         raise ValueError(f"{path} holds {len(records)} utterances, but the corpus in cache.json has {expected}: "
-                         f"the file was cut short or edited; run `clipspeech {RECORDS_STAGE}` on this cache "
+                         f"the file was cut short or edited; run `{stage_command(cache_dir, RECORDS_STAGE)}` "
                          "again, which writes it anew (the features are kept)")
     return records
 

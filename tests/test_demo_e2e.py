@@ -137,5 +137,8 @@ def test_evaluate_on_chosen_keywords(demo_run, tmp_path):
         chosen.write_text(content)
         done = cli(*base, "--keywords", chosen)
         assert done.returncode == 1 and message in done.stderr and "Traceback" not in done.stderr
+    # the way out keeps the cache's other keywords and its prompt
+    assert f"clipspeech embed-images --data {out / 'corpus'} --cache {out / 'cache'} --model local-dir:PATH " \
+           "--keywords FILE --prompt 'this is a photo of a {}'` with a FILE of every keyword to keep" in done.stderr
     done = cli(*base, "--keywords", tmp_path / "absent.txt")
     assert done.returncode == 1 and "absent.txt: no such file" in done.stderr and "Traceback" not in done.stderr

@@ -620,6 +620,25 @@ def test_a_cache_folder_that_is_not_there_is_named(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_a_cache_without_its_stages_names_commands_that_can_be_copied(tiny_cache, tiny_corpus, tmp_path):
+    """A corpus folder given as --cache, or a cache that one stage has not filled: the message's command has
+    the options the stage requires, filled in from cache.json where it knows them."""
+    code, output = _cli("--cache", tiny_corpus, "--out", tmp_path / "run", "--threads", 1)
+    assert code == 1 and f"{tiny_corpus}: not a cache (no cache.json; a corpus folder given as --cache?)" in output
+    assert "clipspeech extract-audio --data CORPUS --cache" in output and "--model NAME" in output
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    manifest = json.loads((tiny_cache / "cache.json").read_text())
+    (cache / "cache.json").write_text(json.dumps({"corpus": manifest["corpus"], "clip": manifest["clip"]}))
+    code, output = _cli("--cache", cache, "--out", tmp_path / "run", "--threads", 1)
+    root = manifest["corpus"]["root"]
+    assert code == 1 and f"run `clipspeech extract-audio --data {root} --cache {cache}` first" in output
+    (cache / "cache.json").write_text(json.dumps({"corpus": manifest["corpus"], "audio": manifest["audio"]}))
+    code, output = _cli("--cache", cache, "--out", tmp_path / "run", "--threads", 1)
+    assert f"clipspeech embed-images --data {root} --cache {cache} --model NAME --pretrained TAG|PATH|none" in output
+    assert not (tmp_path / "run").exists()
+
+
 def test_an_out_folder_inside_a_file_is_named(tiny_cache, tmp_path):
     (tmp_path / "notes.txt").write_text("")
     code, output = _cli("--cache", tiny_cache, "--out", tmp_path / "notes.txt" / "run", "--threads", 1,

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from cache.manifest import (AUDIO_STORE, IMAGE_STORE, KEYWORD_STORE, SPEAKER_CMVN, TEXT_STORE, read_manifest,
-                            read_records)
+                            read_records, stage_command)
 from cache.reader import StoreReader
 from cache.store import INDEX_FILE
 from trainer.sampler import LengthBucketBatchSampler, local_slice
@@ -84,10 +84,14 @@ def check_cache(cache: Path) -> dict:
         raise FileNotFoundError(f"{cache}: no such cache folder; a cache is made by `clipspeech extract-audio "
                                 f"--data CORPUS --cache {cache}`, then `clipspeech embed-images` on it")
     manifest = read_manifest(cache)
+    if not manifest:
+        raise FileNotFoundError(f"{cache}: not a cache (no cache.json; a corpus folder given as --cache?); make "
+                                f"one with `{stage_command(cache, 'extract-audio', manifest)}`, then "
+                                f"`{stage_command(cache, 'embed-images', manifest)}`")
     for section, stage in (("audio", "extract-audio"), ("clip", "embed-images")):
         if section not in manifest:
-            raise FileNotFoundError(f"{cache}: no {section} section in cache.json; run `clipspeech {stage} "
-                                    f"--cache {cache}` first")
+            raise FileNotFoundError(f"{cache}: no {section} section in cache.json; run "
+                                    f"`{stage_command(cache, stage, manifest)}` first")
     for store, stage in ((AUDIO_STORE, "extract-audio"), (IMAGE_STORE, "embed-images"), (TEXT_STORE, "embed-images")):
         if not any((cache / store / name).is_file() for name in INDEX_FILE.values()):
             after_shards = " (or `extract-audio --index-only` once every --shard job is done)" \

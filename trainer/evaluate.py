@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cache.manifest import TEXT_STORE, atomic_write_json, read_manifest, read_records, read_utf8
+from cache.manifest import TEXT_STORE, atomic_write_json, read_manifest, read_records, read_utf8, stage_command
 from cache.reader import StoreReader
 from trainer.data import SplitData, load_keywords, load_split
 from trainer.metrics import (keyword_chance, keyword_relevance, keyword_spotting, positive_ranks, recall_summary,
@@ -162,7 +162,8 @@ def _keywords(cfg: EvalConfig, device) -> tuple[list[str], torch.Tensor]:
     words, emb, attrs = load_keywords(cfg.cache, device)
     if cfg.prompt is not None and attrs.get("prompt") not in (None, cfg.prompt):
         raise ValueError(f"{cfg.cache}/keywords: the prompts were embedded with {attrs.get('prompt')!r}, not "
-                         f"{cfg.prompt!r}; run `clipspeech embed-images --prompt {cfg.prompt!r}` on this cache")
+                         f"{cfg.prompt!r}; run `{stage_command(cfg.cache, 'embed-images')} --prompt "
+                         f"{cfg.prompt!r}` (with the --keywords it had, if any: the keyword store is made anew)")
     if cfg.keywords is None:
         return words, emb
     path = Path(cfg.keywords)
@@ -174,8 +175,11 @@ def _keywords(cfg: EvalConfig, device) -> tuple[list[str], torch.Tensor]:
         raise ValueError(f"--keywords {path}: no keywords in this file (one per line; # starts a comment)")
     missing = [w for w in wanted if w not in words]
     if missing:
-        raise ValueError(f"{cfg.keywords}: keywords not embedded in {cfg.cache}: {', '.join(missing[:10])}; run "
-                         f"`clipspeech embed-images --keywords {cfg.keywords}` on this cache first")
+        again = f" --prompt {attrs['prompt']!r}" if attrs.get("prompt") else ""
+        raise ValueError(f"{cfg.keywords}: keywords not embedded in {cfg.cache}: {', '.join(missing[:10])}; the "
+                         f"cache holds {len(words)}. Run `{stage_command(cfg.cache, 'embed-images')} --keywords "
+                         f"FILE{again}` with a FILE of every keyword to keep (the cache's and these): the cache's "
+                         "keyword list is replaced by FILE's")
     rows = [words.index(w) for w in wanted]
     return wanted, emb[rows]
 
