@@ -198,28 +198,35 @@ def _flag(name: str, help: str):
 
 
 @main.command(context_settings=CONTEXT)
-@click.option("--cache", required=True, type=click.Path(path_type=Path, file_okay=False), help="Cache folder.")
-@click.option("--out", required=True, type=click.Path(path_type=Path, file_okay=False),
-              help="Run folder: config.json, metrics.jsonl, last.pt, best.pt, curves.png.")
+@click.option("--cache", type=click.Path(path_type=Path, file_okay=False),
+              help="Cache folder (required, here or as cache = ... in the --config file).")
+@click.option("--out", type=click.Path(path_type=Path, file_okay=False),
+              help="Run folder: config.json, metrics.jsonl, last.pt, best.pt, curves.png (required, here or in "
+                   "the --config file).")
 @click.option("--config", "toml", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="TOML file setting any option below (command-line options win).")
 @click.option("--preset", type=click.Choice(["seed", "demo"]), default=None,
               help="seed (default): the note's set-up, with length-bucketed batches of one caption per image "
                    "(--no-bucket --no-one-caption-per-image for the original); demo: tuned for the demo "
                    "corpus on 2 CPU cores.")
-@click.option("--steps", type=click.IntRange(min=1), default=None, help="Training steps [seed: 25000].")
-@click.option("--batch-size", type=click.IntRange(min=2), default=None, help="Utterances per step [seed: 64].")
+@click.option("--steps", type=click.IntRange(min=1), default=None, help="Training steps [seed: 25000; demo: 400].")
+@click.option("--batch-size", type=click.IntRange(min=2), default=None, help="Utterances per step [seed and demo: 64].")
 @click.option("--batch-schedule", default=None, metavar="B:STEP,...,B",
               help="Anneal the batch size, e.g. 64:2000,256:4000,1024 (64 until step 2000, ...).")
-@click.option("--lr", type=float, default=None, help="Peak learning rate [seed: 4e-4].")
-@click.option("--warmup", type=click.IntRange(min=0), default=None, help="Linear warm-up steps [seed: 1000].")
+@click.option("--lr", type=float, default=None, help="Peak learning rate [seed: 4e-4; demo: 2e-3].")
+@click.option("--warmup", type=click.IntRange(min=0), default=None,
+              help="Linear warm-up steps [seed: 1000; demo: 150].")
 @click.option("--weight-decay", type=float, default=None, help="AdamW weight decay [0.01].")
-@click.option("--grad-clip", type=float, default=None, help="Max gradient norm, 0 = off [seed: 0].")
-@click.option("--eval-every", type=click.IntRange(min=1), default=None, help="Dev evaluation interval [1000].")
-@click.option("--save-every", type=click.IntRange(min=1), default=None, help="last.pt interval [1000].")
-@click.option("--log-every", type=click.IntRange(min=1), default=None, help="metrics.jsonl interval [50].")
+@click.option("--grad-clip", type=float, default=None, help="Max gradient norm, 0 = off [seed: 0; demo: 1].")
+@click.option("--eval-every", type=click.IntRange(min=1), default=None,
+              help="Dev evaluation interval [seed: 1000; demo: 100].")
+@click.option("--save-every", type=click.IntRange(min=1), default=None,
+              help="last.pt interval [seed: 1000; demo: 400].")
+@click.option("--log-every", type=click.IntRange(min=1), default=None,
+              help="metrics.jsonl interval [seed: 50; demo: 20].")
 @click.option("--best-metric", type=click.Choice(["keyword_mAP", "audio_to_image_R@10", "image_to_audio_R@10",
-                                                  "loss"]), default=None, help="What best.pt maximises.")
+                                                  "loss"]), default=None,
+              help="What best.pt maximises [keyword_mAP; audio_to_image_R@10 where the cache has no keywords].")
 @click.option("--device", default=None, help="auto (default), cpu, cuda, cuda:N.")
 @click.option("--seed", type=int, default=None, help="Random seed [42].")
 @click.option("--resume", is_flag=True, default=None,
@@ -227,19 +234,19 @@ def _flag(name: str, help: str):
                    "(options given here win; not --device, --threads, --stop-after).")
 @click.option("--stop-after", type=click.IntRange(min=1), default=None,
               help="Stop after this many steps in this invocation (fits a job's time slot; continue with --resume).")
-@click.option("--layers", type=click.IntRange(min=0), default=None, help="Transformer layers [seed: 8].")
+@click.option("--layers", type=click.IntRange(min=0), default=None, help="Transformer layers [seed: 8; demo: 2].")
 @click.option("--pos-emb", type=click.Choice(["none", "sinusoidal", "learned"]), default=None,
               help="Positional embeddings [seed: none].")
 @click.option("--pooling", type=click.Choice(["first", "mean", "attention"]), default=None,
-              help="Utterance vector: output at step 0 (seed), mean or attention over unpadded steps.")
-@_flag("padding-mask", "Mask padded frames in the transformer [seed: off].")
+              help="Utterance vector: output at step 0 (seed), mean (demo) or attention over unpadded steps.")
+@_flag("padding-mask", "Mask padded frames in the transformer [seed: off; demo: on].")
 @click.option("--max-frames", type=click.IntRange(min=16), default=None, help="Frames per utterance cap [2048].")
 @click.option("--conv-init", type=click.Choice(["pytorch", "kaiming"]), default=None,
-              help="Conv kernels' initialisation: PyTorch's default (seed) or He-normal with zero biases.")
+              help="Conv kernels' initialisation: PyTorch's default (seed) or He-normal with zero biases (demo).")
 @click.option("--conv-channels", type=click.IntRange(min=1), default=None,
               help="Channels of the hidden conv layers; the last has the transformer's width [seed: 96].")
 @click.option("--targets", type=click.Choice(["image", "text", "image+text"]), default=None,
-              help="What each utterance must pick out of the batch [image].")
+              help="What each utterance must pick out of the batch [seed: image; demo: image+text].")
 @_flag("symmetric", "Average audio->image and image->audio losses [on].")
 @_flag("spec-augment", "SpecAugment masks during training [on].")
 @_flag("bucket", "Length-bucketed batches [on].")
@@ -256,8 +263,9 @@ def _flag(name: str, help: str):
 @click.option("--workers", type=click.IntRange(min=0), default=None, help="Reader processes in stream mode [2].")
 @click.option("--stream-buffer", type=click.IntRange(min=1), default=None,
               help="Utterances buffered for length bucketing in stream mode [4096].")
-@click.option("--threads", type=click.IntRange(min=0), default=None, help="CPU threads for torch (0 = default).")
-@_flag("cpu-bf16", "bf16 autocast on the CPU where it computes bf16 natively (AVX512-BF16, AMX) [off].")
+@click.option("--threads", type=click.IntRange(min=0), default=None,
+              help="CPU threads for torch, 0 = torch's default [seed: 0; demo: 2].")
+@_flag("cpu-bf16", "bf16 autocast on the CPU where it computes bf16 natively (AVX512-BF16, AMX) [seed: off; demo: on].")
 def train(toml, preset, **options):
     """Train the audio encoder on CACHE's train split, validating on its dev split.
 

@@ -571,15 +571,20 @@ def test_defaults_are_the_seed_set_up():
 
 def test_precedence_defaults_preset_toml_command_line(tmp_path):
     toml = tmp_path / "run.toml"
-    toml.write_text('preset = "demo"\nlr = 0.002\nsteps = 500\nbatch-schedule = "16:100,32"\nlayers = 2\n')
+    toml.write_text('preset = "demo"\nlr = 0.002\nsteps = 500\nbatch-schedule = "16:100,32"\nlayers = 2\n'
+                    'cache = "caches/f8k"\nout = "runs/a"\n')
     cfg = resolve_config(None, toml, steps=700)
-    assert cfg.preset == "demo"
+    assert (cfg.preset, cfg.cache, cfg.out) == ("demo", "caches/f8k", "runs/a")   # the file may name both
     assert cfg.steps == 700                                   # command line beats the file
     assert (cfg.lr, cfg.batch_schedule, cfg.layers) == (0.002, "16:100,32", 2)   # file beats the preset
     assert cfg.pooling == PRESETS["demo"]["pooling"] == "mean"                    # preset beats the default
     assert cfg.weight_decay == TrainConfig.weight_decay                           # untouched: the default
     assert resolve_config("seed", toml).pooling == "first"    # --preset beats the file's preset
     assert resolve_config(None, toml, lr=None).lr == 0.002    # unset options leave the file's value
+    toml.write_text('steps = 500\nout = "runs/a"\n')
+    code, output = _cli("--config", toml)
+    assert code == 1 and '--cache (the cache folder) is required: give it on the command line or as cache = "..."' \
+        in output and "Traceback" not in output
 
 
 def _cli(*args) -> tuple[int, str]:

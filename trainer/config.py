@@ -217,4 +217,8 @@ def resolve_config(preset: str | None = None, toml: str | Path | None = None, **
     unknown = sorted(set(merged) - FIELDS)
     if unknown:
         raise ValueError(f"unknown settings {', '.join(unknown)}")
+    for required, what in (("cache", "the cache folder"), ("out", "the run folder")):
+        if not merged.get(required):
+            raise ValueError(f"--{required} ({what}) is required: give it on the command line or as "
+                             f"{required} = \"...\" in the --config file")
     return TrainConfig(**merged)
