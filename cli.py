@@ -311,12 +311,15 @@ def train(toml, preset, **options):
               help="Evaluate only these cached keywords (one per line).")
 @click.option("--prompt", default=None, help="Check that the cached keyword prompts used this template.")
 @click.option("--device", default="cpu", show_default=True, help="auto, cpu, cuda or cuda:N.")
-def evaluate(cache, checkpoint, split, json_out, html, save_embeddings, keywords, prompt, device):
+@click.option("--batch-size", type=click.IntRange(min=1), default=None,
+              help="Utterances per forward pass [the run's eval_batch_size, 256]: an encoder without a padding "
+                   "mask (the seed's) embeds an utterance slightly differently with other padding.")
+def evaluate(cache, checkpoint, split, json_out, html, save_embeddings, keywords, prompt, device, batch_size):
     """Six-way retrieval (R@1/5/10) and keyword spotting (mAP, P@10, P@N, EER) on a split."""
     from trainer.evaluate import EvalConfig, evaluate as run, format_table
     cfg = _run(lambda: EvalConfig(cache=cache, checkpoint=checkpoint, split=split, json=json_out, html=html,
                                   save_embeddings=save_embeddings, keywords=keywords, prompt=prompt,
-                                  device=device))
+                                  device=device, batch_size=batch_size))
     results, arrays, chance = _run(run, cfg)
     click.echo(format_table(results, chance))
     if html:

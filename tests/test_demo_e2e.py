@@ -62,18 +62,20 @@ def test_eval_json_has_exactly_the_documented_shape(demo_run):
 
 def test_saved_embeddings_reproduce_the_figures(demo_run, tmp_path):
     out, _ = demo_run
-    npz, js = tmp_path / "emb.npz", tmp_path / "eval.json"
+    npz, js = tmp_path / "emb.out", tmp_path / "eval.json"      # written where asked, .npz or not
     done = cli("evaluate", "--cache", out / "cache", "--checkpoint", out / "run" / "best.pt", "--json", js,
                "--save-embeddings", npz)
     assert done.returncode == 0, done.stderr[-2000:]
     e = np.load(npz)
-    assert set(e.files) == {"audio", "audio_ids", "audio_image_ids", "audio_text", "image", "image_ids", "text",
-                            "text_ids", "text_image_ids", "keyword", "keywords"}
+    assert set(e.files) == {"audio", "audio_ids", "audio_image_ids", "audio_caption_ids", "audio_text", "image",
+                            "image_ids", "text", "text_ids", "text_image_ids", "keyword", "keywords"}
+    assert not list(tmp_path.glob("*.npz"))
     caption_of = {}
     for line in (out / "cache" / "records.jsonl").read_text().splitlines():
         r = json.loads(line)
         caption_of[r["utt_id"]] = r["caption_id"]
-    retrieval = six_way_retrieval(e["audio"], list(e["audio_image_ids"]), [caption_of[u] for u in e["audio_ids"]],
+    assert list(e["audio_caption_ids"]) == [caption_of[u] for u in e["audio_ids"]]
+    retrieval = six_way_retrieval(e["audio"], list(e["audio_image_ids"]), list(e["audio_caption_ids"]),
                                   e["image"], list(e["image_ids"]), e["text"], list(e["text_ids"]),
                                   list(e["text_image_ids"]))
     kws = keyword_spotting(e["audio"], e["keyword"], list(e["audio_text"]), list(e["keywords"]))

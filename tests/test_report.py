@@ -131,6 +131,24 @@ def test_report_is_self_contained_and_shows_the_numbers(tmp_path, evaluation):
     assert not [a for _, a in page.tags for k in ("src", "href") if k in a and not a[k].startswith("data:")]
 
 
+def test_keyword_chance_and_count_when_a_keyword_never_occurs(tmp_path, evaluation):
+    """Micro AP runs over the whole utterance x keyword matrix, a keyword that never occurs included (all
+    negatives): its chance is the matrix's mean, unlike mAP's over the keywords that occur; the heading says
+    how many of the keywords are scored."""
+    results, emb, audio_paths, image_paths = evaluation
+    rng = np.random.default_rng(1)
+    emb = {**emb, "keywords": emb["keywords"] + ["zebra"],
+           "keyword": np.concatenate([emb["keyword"], rng.normal(size=(1, 16)).astype(np.float32)])}
+    results = {**results, "counts": {**results["counts"], "keywords": 4},
+               "keyword_spotting": keyword_spotting(emb["audio"], emb["keyword"], emb["audio_text"],
+                                                    emb["keywords"])}
+    page = Page(write_report(tmp_path / "r.html", results, emb, audio_paths, image_paths).read_text())
+    rows = {row[0]: row[1:] for row in page.rows if row}
+    assert rows["mAP"][1] == f"{100 * (4 + 3 + 8) / (3 * 12):.1f}"
+    assert rows["micro AP"][1] == f"{100 * (4 + 3 + 8) / (4 * 12):.1f}"
+    assert any("keyword spotting (3 of 4 keywords occur)" in row[0] for row in page.rows if row)
+
+
 def test_keyword_rankings_are_marked_right_or_wrong(tmp_path, evaluation):
     results, emb, audio_paths, image_paths = evaluation
     text = write_report(tmp_path / "r.html", results, emb, audio_paths, image_paths).read_text()

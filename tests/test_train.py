@@ -662,6 +662,30 @@ def test_evaluate_refuses_a_bad_device_before_loading(learned, tiny_cache, devic
     assert result.exit_code == 1 and message in result.output, result.output
 
 
+def test_evaluate_embeds_at_the_run_s_validation_batch_size_unless_told(learned, tiny_cache, monkeypatch,
+                                                                        tmp_path):
+    """An encoder without a padding mask (the seed's) embeds an utterance a little differently with other
+    padding: by default evaluate uses the batch size of the run's own validation, so that --split dev gives
+    the figures the run logged; --batch-size overrides it. A --prompt that embed-images would refuse is
+    refused here too, not answered with advice to run embed-images with it."""
+    import trainer.evaluate as ev
+    out, _, _ = learned
+    sizes = []
+    real = ev.embed_audio
+    monkeypatch.setattr(ev, "embed_audio", lambda model, data, size, frames: sizes.append(size) or
+                        real(model, data, size, frames))
+    state = load_checkpoint(out / "best.pt")
+    state["config"]["eval_batch_size"] = 32       # as if trained with eval_batch_size = 32 in its TOML file
+    torch.save(state, tmp_path / "best.pt")
+    ev.evaluate(ev.EvalConfig(cache=tiny_cache, checkpoint=tmp_path / "best.pt"))
+    ev.evaluate(ev.EvalConfig(cache=tiny_cache, checkpoint=tmp_path / "best.pt", batch_size=7))
+    assert sizes == [32, 7]
+    for prompt in ("bogus", "a photo of a {w}", "{} and {}"):
+        result = CliRunner().invoke(cli_main, ["evaluate", "--cache", str(tiny_cache), "--checkpoint",
+                                               str(out / "best.pt"), "--prompt", prompt])
+        assert result.exit_code == 1 and "a template with one '{}' where the keyword goes" in result.output
+
+
 UNFINISHED = [("audio", "`clipspeech extract-audio` has not finished on this cache: run it again (or "
                         "`extract-audio --index-only` once every"),
               ("texts", "`clipspeech embed-images` has not finished")]

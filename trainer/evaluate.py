@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cache.manifest import TEXT_STORE, atomic_write_json, read_manifest, read_records, read_utf8, stage_command
+from cache.manifest import (TEXT_STORE, atomic_target, atomic_write_json, read_manifest, read_records, read_utf8,
+                            stage_command)
 from cache.reader import StoreReader
 from trainer.data import SplitData, load_keywords, load_split
 from trainer.metrics import (keyword_chance, keyword_relevance, keyword_spotting, positive_ranks, recall_summary,
@@ -74,12 +75,17 @@ class EvalConfig:
     keywords: Path | None = None      # a subset of the cached keywords, one per line
     prompt: str | None = None         # must be the template the cache's keyword prompts were embedded with
     device: str = "cpu"
-    batch_size: int = 256
+    batch_size: int | None = None     # utterances per forward pass [the run's eval_batch_size, as its dev figures]
     chunk: int = 1024
 
     def __post_init__(self):
         if self.split not in ("train", "dev", "test"):
             raise ValueError(f"--split {self.split!r}: use train, dev or test")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ValueError(f"--batch-size {self.batch_size}: must be 1 or more")
+        if self.prompt is not None and (self.prompt.count("{}") != 1 or "{}" not in self.prompt.replace("{{", "")):
+            raise ValueError(f"--prompt {self.prompt!r}: a template with one '{{}}' where the keyword goes, as "
+                             "embed-images takes it, e.g. 'this is a photo of a {}'")
         pick_device(self.device)   # a bad or absent device fails here, before anything is loaded
 
 
@@ -122,7 +128,10 @@ def evaluate(cfg: EvalConfig) -> tuple[dict, dict]:
     data = load_split(cfg.cache, cfg.split, device)
     if len(data) == 0:
         raise ValueError(f"{cfg.cache}: no usable utterances in the {cfg.split} split")
-    audio = embed_audio(model, data, cfg.batch_size, model.cfg.max_frames)
+    # without a padding mask (the seed's encoder) an utterance's embedding depends on its batch's padding:
+    # by default the batch size of the run's own validation, so that evaluate --split dev gives its figures
+    batch_size = cfg.batch_size or state.get("config", {}).get("eval_batch_size", 256)
+    audio = embed_audio(model, data, batch_size, model.cfg.max_frames)
     records = [r for r in read_records(cfg.cache) if r["split"] == cfg.split]
     text_ids, text_image_ids, text = _split_texts(cfg.cache, records, data.image_ids, device)
     _report_left_out(cfg, records, data, text_ids)
@@ -146,15 +155,17 @@ def evaluate(cfg: EvalConfig) -> tuple[dict, dict]:
         | {"per_keyword": kws["per_keyword"]},
     }
     arrays = {"audio": audio.cpu().numpy(), "audio_ids": np.array(data.utt_ids),
-              "audio_image_ids": np.array(audio_image_ids), "audio_text": np.array(data.transcripts),
+              "audio_image_ids": np.array(audio_image_ids), "audio_caption_ids": np.array(data.caption_ids),
+              "audio_text": np.array(data.transcripts),
               "image": data.images.cpu().numpy(), "image_ids": np.array(data.image_ids),
               "text": text.cpu().numpy(), "text_ids": np.array(text_ids),
               "text_image_ids": np.array(text_image_ids), "keyword": keyword_emb.cpu().numpy(),
               "keywords": np.array(words)}
     if cfg.json:
         atomic_write_json(cfg.json, _json_safe(results))
-    if cfg.save_embeddings:
-        np.savez(cfg.save_embeddings, **arrays)
+    if cfg.save_embeddings:   # at the path given (np.savez would add .npz to a name without it), atomically
+        with atomic_target(cfg.save_embeddings) as tmp, open(tmp, "wb") as f:
+            np.savez(f, **arrays)
     return results, arrays, chance
 
 

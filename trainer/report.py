@@ -139,18 +139,19 @@ def _summary_section(results: dict, emb: dict, relevance: np.ndarray | None) -> 
         return "\n".join(parts)
     chance_of: dict[str, float | None] = {"mAP": None, "micro_AP": None, "P@10": None, "P@N": None,
                                           "EER": 50.0}
+    n_keywords = f"{results.get('counts', {}).get('keywords', '?')} keywords"
     if relevance is not None:        # chance needs the transcripts and keywords in emb
-        scored = relevance.any(axis=0)
+        n_keywords = f"{int(relevance.any(axis=0).sum())} of {n_keywords} occur"
         kw_chance = keyword_chance(relevance)
-        micro_chance = 100.0 * float(relevance[:, scored].mean()) if scored.any() else None
+        micro_chance = 100.0 * float(relevance.mean())   # micro AP: the whole matrix, unscored keywords too
         chance_of |= {"mAP": kw_chance, "micro_AP": micro_chance, "P@10": kw_chance, "P@N": kw_chance}
     rows = [f'<tr><td>{label}</td><td>{_num(kws.get(key))}</td><td class="chance">{_num(chance_of[key])}</td>'
             f"</tr>" for key, label in KEYWORD_ROWS]
-    n_keywords = kws.get("n_keywords", results.get("counts", {}).get("keywords", "?"))
-    parts.append(f'<table><tr><th>keyword spotting ({n_keywords} keywords)</th><th>%</th>'
+    parts.append(f'<table><tr><th>keyword spotting ({n_keywords})</th><th>%</th>'
                  f'<th class="chance">chance</th></tr>{"".join(rows)}</table>'
-                 "<p class=\"counts\">Means over keywords that occur at least once; chance of AP is the "
-                 "mean keyword frequency (approximately); EER: lower is better.</p>")
+                 "<p class=\"counts\">mAP, P@10, P@N, EER: means over the keywords that occur at least once "
+                 "(chance of AP: their mean frequency, approximately); micro AP: over every utterance-keyword "
+                 "pair; EER: lower is better.</p>")
     return "\n".join(parts)
 
 
