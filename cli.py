@@ -367,6 +367,20 @@ def _make_demo(out, images, seed, workers, teacher_steps, overwrite) -> dict:
     return summary
 
 
+def _cache_of_another_corpus(corpus: Path, cache: Path) -> bool:
+    """Whether cache.json names another corpus (other utterances, captions, splits) than the one at `corpus`."""
+    from cache.manifest import read_manifest
+    from pipeline.corpus import read_corpus
+    from pipeline.extract import corpus_section
+    recorded = read_manifest(cache).get("corpus") if cache.is_dir() else None
+    if recorded is None:
+        return False
+    now = corpus_section(read_corpus(corpus, check_files=False))
+    same_place = recorded.get("root") == now["root"]   # a demo folder moved elsewhere is followed by the stages
+    return recorded.get("ids_sha1") != now["ids_sha1"] or (
+        same_place and recorded.get("records_sha1", now["records_sha1"]) != now["records_sha1"])
+
+
 def _remove_demo_outputs(cache: Path, run: Path, *files: Path) -> None:
     """Deletes a demo's cache, run and report files; refuses folders that are not a cache or a run."""
     import shutil
@@ -417,7 +431,10 @@ def demo(out, images, seed, workers, steps, teacher_steps, overwrite):
         return result
 
     summary = stage("make-demo", _make_demo, corpus, images, seed, workers, teacher_steps, overwrite)
-    if "written" in summary:   # a new corpus: what was made from an old one (--overwrite) goes with it
+    if _run(_cache_of_another_corpus, corpus, cache):
+        if not overwrite:
+            _fail(f"{cache} was made from another demo corpus than {corpus}: pass --overwrite to make the cache, "
+                  "the run and the report anew, or choose another --out")
         _run(_remove_demo_outputs, cache, run, out / "eval.json", out / "report.html")
     stage("extract-audio", extract_audio, ExtractConfig(data=corpus, cache=cache, workers=workers))
     stage("embed-images", embed_images, EmbedConfig(data=corpus, cache=cache, model=f"local-dir:{summary['teacher']}",

@@ -10,6 +10,7 @@ import fcntl
 import json
 import os
 import pathlib
+import shlex
 import shutil
 import stat
 import tempfile
@@ -328,15 +329,23 @@ def stage_command(cache_dir, stage: str, manifest: dict | None = None) -> str:
     """The command line that runs `stage` on this cache, filled in with what cache.json knows (the corpus,
     the teacher), for messages that send the user there: one that can be copied."""
     manifest = read_manifest(cache_dir) if manifest is None else manifest
-    root = manifest.get("corpus", {}).get("root", "CORPUS")
-    line = f"clipspeech {stage} --data {root} --cache {cache_dir}"
+    root = manifest.get("corpus", {}).get("root")
+    words = ["clipspeech", stage, "--data", shlex.quote(root) if root else "CORPUS",
+             "--cache", shlex.quote(str(cache_dir))]
     if stage == "embed-images":
         clip = manifest.get("clip") or {}
-        model = clip.get("model") or "NAME"
-        line += " --model " + ("local-dir:PATH" if model == "local-dir" else model)
-        if model != "local-dir":
-            line += f" --pretrained {clip.get('pretrained') or ('none' if clip else 'TAG|PATH|none')}"
-    return line
+        model = clip.get("model")
+        words += ["--model", "local-dir:PATH" if model == "local-dir" else shlex.quote(model) if model else "NAME"]
+        if not clip:
+            words += ["--pretrained", "TAG|PATH|none"]
+        elif model != "local-dir":   # a checkpoint file is recorded by its sha256 only
+            tag = clip.get("pretrained")
+            words += ["--pretrained", shlex.quote(tag) if tag else "PATH" if clip.get("weights_sha256") else "none"]
+        # the settings its parts were made with, which a rerun must repeat
+        precision, decode, dtype = clip.get("precision"), clip.get("image_decode"), clip.get("dtype")
+        words += ["--device cuda"] * (precision == "bf16-autocast") + ["--gpu-decode"] * (decode == "torchvision") \
+            + ["--no-draft"] * (decode == "pil") + ["--dtype float32"] * (dtype == "float32")
+    return " ".join(words)
 
 
 def read_records(cache_dir) -> list[dict]:

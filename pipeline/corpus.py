@@ -201,6 +201,16 @@ def _finish(kind: str, root: Path, utterances: list[Utterance], report: CorpusRe
     return Corpus(kind, str(root), utterances, report)
 
 
+def _same_file(a: str, b: str) -> bool:
+    """Two spellings of one file: a/./b and a/b, or a path through a symlink and the real one."""
+    if os.path.normpath(a) == os.path.normpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:   # one is missing: the missing-file report names it
+        return False
+
+
 def _one_per_id(root: Path, utterances: list[Utterance]) -> dict[str, str]:
     """{image id: image path}; ValueError where an image id names two files or a caption id has two texts:
     the stages embed each id once, so the other file's (or text's) utterances would be trained against the
@@ -209,7 +219,7 @@ def _one_per_id(root: Path, utterances: list[Utterance]) -> dict[str, str]:
     caption_of: dict[str, str] = {}
     for u in utterances:
         if image_of.setdefault(u.image_id, u.image_path) != u.image_path \
-                and os.path.normpath(image_of[u.image_id]) != os.path.normpath(u.image_path):
+                and not _same_file(image_of[u.image_id], u.image_path):
             first = next(v for v in utterances if v.image_id == u.image_id)
             raise ValueError(
                 f"{root}: image id {u.image_id!r} names two files, {first.image_path} (utterance {first.utt_id}) "
@@ -368,7 +378,7 @@ def read_spokencoco(path: str | os.PathLike, image_root: str | os.PathLike | Non
     path = Path(path).expanduser().resolve()
     root = path.parent if path.is_file() else path
     files = [path] if path.is_file() else [p for p, _ in _spokencoco_files(root)]
-    report = CorpusReport("spokencoco", str(root))
+    report = CorpusReport("spokencoco", str(path))
 
     entries: list[tuple[dict, str, str]] = []
     for file in files:
@@ -412,7 +422,8 @@ def read_spokencoco(path: str | os.PathLike, image_root: str | os.PathLike | Non
                 utt_id=utt_id, audio_path=_under(audio_root, cap["wav"]), image_id=image_id,
                 image_path=image_path, caption=cap["text"].strip(),
                 caption_id=f"{image_id}#{n}", speaker=str(cap.get("speaker", "unknown")), split=split))
-    return _finish("spokencoco", root, utterances, report, check_files)
+    # the corpus is what was read: one file of a folder is another corpus than the folder's files together
+    return _finish("spokencoco", path, utterances, report, check_files)
 
 
 # ----------------------------------------------------------------------------------------------------

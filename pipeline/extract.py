@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 from cache.index import build_index
-from cache.manifest import (AUDIO_STORE, RECORDS, SPEAKER_CMVN, CacheMismatchError, atomic_write_json,
+from cache.manifest import (AUDIO_STORE, IMAGE_STORE, RECORDS, SPEAKER_CMVN, CacheMismatchError, atomic_write_json,
                             TEXT_STORE, atomic_write_text, claim_section, read_manifest, read_records,
                             record_stage_failures, records_complete, records_text, replace_section, settings_diff,
                             shard_lock)
@@ -210,10 +210,11 @@ def _check_cache(cfg: ExtractConfig, corpus: Corpus, recipe) -> list[str]:
         diffs = store_settings_diff(store, cfg.fmt, recipe.dims, STORE_DTYPE, store_attrs(recipe),
                                     f"{AUDIO_STORE}/{STORE_JSON}")
     if diffs:
-        if was is not None and was.get("root") != corpus.root:   # another corpus, not only another place
+        other_corpus = any(line.startswith("corpus.") for line in diffs)
+        if other_corpus and was.get("root") != corpus.root:   # another corpus, not only another place
             diffs = settings_diff({"root": was.get("root")}, {"root": corpus.root}, "corpus") + diffs
         lines = "\n  ".join(diffs)
-        if any(line.startswith("corpus.") for line in diffs):
+        if other_corpus:
             fix = (f"pass the corpus this cache is of as --data ({was.get('root')}), or use another --cache "
                    "folder for this one")
         else:
@@ -262,6 +263,11 @@ def _follow_corpus(cache: Path, corpus: Corpus, was: dict | None, section: dict)
             notes.append(f"{path} was cut short or cannot be read: written anew")
         else:
             notes += _changed_records(cache, rows, records, skip=_PATH_FIELDS if moved else ())
+    elif old is None and was is not None and was.get("records_sha1") not in (None, section["records_sha1"]) \
+            and was.get("root") == corpus.root and ((cache / TEXT_STORE).is_dir() or (cache / IMAGE_STORE).is_dir()):
+        notes.append(f"the corpus changed since embed-images ran on it (its splits, speakers, captions or files): "
+                     f"if captions or images changed, delete {cache / TEXT_STORE} or {cache / IMAGE_STORE} and "
+                     "run embed-images again")
     if old is None or old != text.encode("utf-8"):
         atomic_write_text(path, text)
     if was is not None and was != section:

@@ -598,3 +598,22 @@ def test_an_output_path_that_is_a_link_or_a_pipe_is_written_through(tmp_path):
 def test_cache_package_does_not_import_torch():
     code = "import sys, cache.store, cache.index, cache.reader, cache.manifest; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], cwd=pathlib.Path(__file__).parents[1]).returncode == 0
+
+
+def test_stage_commands_in_messages_can_be_copied():
+    """What a message tells the user to run must run as the cache was made: quoted paths, the teacher's
+    weights file as PATH (a checkpoint is recorded by its sha256; 'none' would load random weights), and the
+    settings the parts were made with."""
+    from cache.manifest import stage_command
+    clip = {"model": "ViT-B-32", "pretrained": None, "weights_sha256": "ab" * 32, "precision": "bf16-autocast",
+            "image_decode": "torchvision", "dtype": "float32"}
+    line = stage_command("/c d", "embed-images", {"corpus": {"root": "/data/my corpus"}, "clip": clip})
+    assert line == ("clipspeech embed-images --data '/data/my corpus' --cache '/c d' --model ViT-B-32 "
+                    "--pretrained PATH --device cuda --gpu-decode --dtype float32")
+    random = {"model": "ViT-B-32", "pretrained": None, "weights_sha256": None, "precision": "fp32",
+              "image_decode": "pil", "dtype": "float16"}
+    assert stage_command("/c", "embed-images", {"clip": random}).endswith("--pretrained none --no-draft")
+    assert stage_command("/c", "embed-images", {"clip": {**random, "model": "local-dir"}}) == \
+        "clipspeech embed-images --data CORPUS --cache /c --model local-dir:PATH --no-draft"
+    assert stage_command("/c", "embed-images", {}) == \
+        "clipspeech embed-images --data CORPUS --cache /c --model NAME --pretrained TAG|PATH|none"

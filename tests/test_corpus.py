@@ -130,6 +130,7 @@ def test_spokencoco_single_file_and_bad_json(tmp_path):
                                                                                        ["wavs/a.wav"])]}))
     corpus = read_spokencoco(tmp_path / "SpokenCOCO_val.json")
     assert [u.split for u in corpus.utterances] == ["dev"]
+    assert corpus.root == str(tmp_path / "SpokenCOCO_val.json")   # what was read: cache messages' --data
     assert corpus.report.count("missing image file") == 1
     (tmp_path / "SpokenCOCO_val.json").write_text("[1, 2")
     with pytest.raises(ValueError, match="SpokenCOCO_val.json: not valid JSON"):
@@ -268,6 +269,10 @@ def test_one_id_for_two_images_or_two_texts_is_refused(tmp_path):
     row = {"audio": "w/0.wav", "image": "img/a/1.jpg", "caption": "a red square", "split": "train"}
     same = manifest([row, {**row, "audio": "w/1.wav", "image": "img/./a/1.jpg"}])   # one file, spelled twice
     assert {u.image_id for u in same.utterances} == {"1"}
+    touch(tmp_path / "img" / "a" / "1.jpg")
+    (tmp_path / "link").symlink_to(tmp_path / "img")
+    linked = manifest([row, {**row, "audio": "w/1.wav", "image": "link/a/1.jpg"}])   # and through a symlink
+    assert {u.image_id for u in linked.utterances} == {"1"}
     with pytest.raises(ValueError) as err:
         manifest([row, {**row, "audio": "w/1.wav", "image": "img/b/1.jpg", "caption": "a blue square"}])
     message = str(err.value)

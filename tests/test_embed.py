@@ -443,6 +443,22 @@ def test_extract_audio_after_embed_images_refuses_another_corpus(corpus, teacher
     assert (cache / "records.jsonl").is_file()
 
 
+def test_extract_audio_after_embed_images_says_when_the_captions_changed_between(corpus, teacher, tmp_path):
+    """embed-images first, then the captions corrected, then extract-audio: the caption embeddings are of the
+    old texts, which extract-audio can tell from the records digest embed-images left in cache.json."""
+    import shutil
+    from pipeline.extract import ExtractConfig, extract_audio
+    copy, cache = tmp_path / "corpus", tmp_path / "cache"
+    shutil.copytree(corpus, copy)
+    run(copy, cache, teacher)
+    tokens = copy / "Flickr8k_text" / "Flickr8k.token.txt"
+    tokens.write_text(tokens.read_text().replace(" .", " !", 1))
+    summary = extract_audio(ExtractConfig(data=copy, cache=cache, workers=1, progress=False))
+    assert any("the corpus changed since embed-images ran on it" in line for line in summary.lines())
+    again = extract_audio(ExtractConfig(data=copy, cache=cache, workers=1, progress=False))
+    assert not any("changed since" in line for line in again.lines())
+
+
 def test_refuses_a_manifest_of_the_same_utterances_with_other_caption_ids(teacher, tmp_path):
     """A JSONL manifest of the cached wavs whose caption ids are not extract-audio's: the trainer would find
     no caption embedding for any utterance; refused, naming records.jsonl, before anything is embedded."""

@@ -308,6 +308,10 @@ def test_a_corpus_moved_between_runs_is_followed(tmp_path, corpus, caches):
     assert code == 1 and f'corpus.root: cache has "{moved}", requested "{other}"' in out
     assert "corpus.ids_sha1" in out and "Traceback" not in out
     assert json.loads((cache / "cache.json").read_text())["corpus"]["root"] == str(moved)
+    # the moved corpus itself with another feature setting: the setting is what differs, not the corpus
+    code, out = cli("--data", str(corpus), "--cache", str(cache), "--part-size", str(PART + 1))
+    assert code == 1 and f"audio.part_size: cache has {PART}, requested {PART + 1}" in out
+    assert "corpus.root" not in out and "pass the settings it was made with" in out
 
 
 def test_records_follow_a_corpus_split_or_captioned_anew(tmp_path, corpus):

@@ -212,6 +212,11 @@ def test_best_pt_follows_a_new_best_metric_and_the_last_weights_until_validated(
     best = load_checkpoint(out / "last.pt")["best"]
     assert best["metric"] == "loss" and best["step"] in (4, 6)
     assert load_checkpoint(out / "best.pt")["step"] == best["step"]
+    (out / "best.pt").unlink()                   # a run folder copied with last.pt alone
+    capsys.readouterr()
+    train(tiny_config(tiny_cache, out, steps=7, eval_every=100, resume=True, best_metric="loss"))
+    assert f"--resume: no {out / 'best.pt'} (it held step {best['step']})" in capsys.readouterr().out
+    assert load_checkpoint(out / "best.pt")["step"] == 7
 
 
 def test_resume_takes_the_run_settings_from_its_config(tiny_cache, tmp_path):
@@ -572,9 +577,9 @@ def test_defaults_are_the_seed_set_up():
 def test_precedence_defaults_preset_toml_command_line(tmp_path):
     toml = tmp_path / "run.toml"
     toml.write_text('preset = "demo"\nlr = 0.002\nsteps = 500\nbatch-schedule = "16:100,32"\nlayers = 2\n'
-                    'cache = "caches/f8k"\nout = "runs/a"\n')
+                    'cache = "caches/f8k"\nout = "~/runs/a"\n')
     cfg = resolve_config(None, toml, steps=700)
-    assert (cfg.preset, cfg.cache, cfg.out) == ("demo", "caches/f8k", "runs/a")   # the file may name both
+    assert (cfg.preset, cfg.cache, cfg.out) == ("demo", "caches/f8k", os.path.expanduser("~/runs/a"))
     assert cfg.steps == 700                                   # command line beats the file
     assert (cfg.lr, cfg.batch_schedule, cfg.layers) == (0.002, "16:100,32", 2)   # file beats the preset
     assert cfg.pooling == PRESETS["demo"]["pooling"] == "mean"                    # preset beats the default

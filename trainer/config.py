@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -221,4 +222,5 @@ def resolve_config(preset: str | None = None, toml: str | Path | None = None, **
         if not merged.get(required):
             raise ValueError(f"--{required} ({what}) is required: give it on the command line or as "
                              f"{required} = \"...\" in the --config file")
+        merged[required] = os.path.expanduser(str(merged[required]))   # a TOML file's "~/runs/a" (no shell)
     return TrainConfig(**merged)

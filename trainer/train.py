@@ -372,8 +372,12 @@ def train(cfg: TrainConfig) -> dict:
         if main:
             for note in _resume_notices(cfg, state, last):
                 print(note)
-        if restored["metric"] == metric:
+        if restored["metric"] == metric and (restored["value"] is None or (out / "best.pt").is_file()):
             best = restored
+        elif restored["metric"] == metric:   # e.g. a run folder copied with last.pt alone
+            if main:
+                print(f"--resume: no {out / 'best.pt'} (it held step {restored['step']}): the next validation "
+                      "chooses it afresh, until then it holds the newest weights")
         elif main and restored["value"] is not None:   # values of two metrics do not compare
             print(f"--resume: best.pt was chosen by {restored['metric']} ({restored['value']:.2f} at step "
                   f"{restored['step']}); from now on by {metric}: the next validation replaces it")
