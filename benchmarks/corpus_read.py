@@ -24,8 +24,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cache.manifest import read_utf8  # noqa: E402
+from cache.manifest import read_utf8, records_text  # noqa: E402
 from pipeline import corpus as corpus_module  # noqa: E402
+from pipeline.extract import corpus_section  # noqa: E402
 
 SPLITS = (("train", "train2014"), ("val", "val2014"), ("test", "val2014"))
 
@@ -96,12 +97,17 @@ def main() -> None:
 
         a, b = now(), then()   # the two ways read the same corpus
         assert a.utterances == b.utterances and a.root == b.root
-        del a, b
+        del b
         best = {"json.loads alone": [], "read_spokencoco": [], "before (pathlib, gc on)": []}
+        # what each extract-audio job pays to know whether records.jsonl still says what the corpus says:
+        # the digests of cache.json's corpus section, against writing the records' JSON to compare it
+        follow = {"corpus section (digests)": [], "records.jsonl's JSON": []}
         for _ in range(args.repeats):
             best["json.loads alone"].append(timed(lambda: [json.loads(read_utf8(f)) for f in files]))
             best["read_spokencoco"].append(timed(now))
             best["before (pathlib, gc on)"].append(timed(then))
+            follow["corpus section (digests)"].append(timed(lambda: corpus_section(a)))
+            follow["records.jsonl's JSON"].append(timed(lambda: records_text([u.to_dict() for u in a.utterances])))
 
     print(f"{platform.python_implementation()} {platform.python_version()} on {platform.machine()}; "
           f"{utterances:,} utterances of {args.images:,} images; best of {args.repeats}")
@@ -110,6 +116,9 @@ def main() -> None:
         t = min(times)
         print(f"  {name:26s} {t:6.2f} s  {utterances / t / 1000:7.0f}k utt/s  {t / floor:5.1f}x json.loads")
     print(f"  speed-up over before: {min(best['before (pathlib, gc on)']) / min(best['read_spokencoco']):.2f}x")
+    print("whether records.jsonl follows the corpus:")
+    for name, times in follow.items():
+        print(f"  {name:26s} {min(times):6.2f} s")
 
 
 if __name__ == "__main__":

@@ -220,20 +220,24 @@ def _one_per_id(root: Path, utterances: list[Utterance]) -> dict[str, str]:
     for u in utterances:
         if image_of.setdefault(u.image_id, u.image_path) != u.image_path \
                 and not _same_file(image_of[u.image_id], u.image_path):
-            first = next(v for v in utterances if v.image_id == u.image_id)
-            raise ValueError(
-                f"{root}: image id {u.image_id!r} names two files, {first.image_path} (utterance {first.utt_id}) "
-                f"and {u.image_path} (utterance {u.utt_id}); each image is embedded once, by its id, so give "
-                "each file an id of its own (in a JSONL manifest an \"image_id\" field; the default is the file "
-                "name without its extension)")
+            raise _two_under_one_id(root, utterances, u, "image", "image_path", "names two files", "file",
+                                    "the file name without its extension")
         if caption_of.setdefault(u.caption_id, u.caption) != u.caption:
-            first = next(v for v in utterances if v.caption_id == u.caption_id)
-            raise ValueError(
-                f"{root}: caption id {u.caption_id!r} has two texts, {first.caption!r} (utterance {first.utt_id}) "
-                f"and {u.caption!r} (utterance {u.utt_id}); each caption is embedded once, by its id, so give "
-                "each text an id of its own (in a JSONL manifest a \"caption_id\" field; the default is the "
-                "utterance id) or the same text")
+            raise _two_under_one_id(root, utterances, u, "caption", "caption", "has two texts", "text",
+                                    "the utterance id", " or the same text")
     return image_of
+
+
+def _two_under_one_id(root: Path, utterances: list[Utterance], u: Utterance, what: str, value: str, says: str,
+                      item: str, default: str, other_fix: str = "") -> ValueError:
+    """The error for utterance `u`, whose `what` id names another `value` than the id's first utterance's."""
+    key = getattr(u, f"{what}_id")
+    first = next(v for v in utterances if getattr(v, f"{what}_id") == key)
+    show = repr if what == "caption" else str
+    return ValueError(
+        f"{root}: {what} id {key!r} {says}, {show(getattr(first, value))} (utterance {first.utt_id}) and "
+        f"{show(getattr(u, value))} (utterance {u.utt_id}); each {what} is embedded once, by its id, so give each "
+        f"{item} an id of its own (in a JSONL manifest a \"{what}_id\" field; the default is {default}){other_fix}")
 
 
 def _split_name(raw: str, where: str) -> str:
