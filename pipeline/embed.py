@@ -236,6 +236,8 @@ def _check_same_corpus(cfg: EmbedConfig, corpus, manifest: dict) -> None:
             f"{recorded.get('utterances')} utterances of {recorded.get('kind')} corpus {recorded.get('root')}, "
             f"this one has {len(corpus.utterances)} with other ids; pass that corpus as --data, or use "
             "another --cache folder for this one")
+    if recorded and recorded.get("records_sha1") == corpus_section(corpus)["records_sha1"]:
+        return   # records.jsonl says what this corpus says (0.6 s on SpokenCOCO, where reading it takes 2 s)
     if recorded and (cfg.cache / RECORDS).is_file():
         # the same utterances, but are they of the same images and captions? The trainer joins the audio to
         # the embeddings by these ids (a JSONL manifest of Flickr8k's wavs gives them other caption ids)

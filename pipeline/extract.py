@@ -288,9 +288,11 @@ def _changed_records(cache: Path, old: list[dict], new: list[dict], skip: tuple)
         return []
     fields = ", ".join(f"{name} ({n})" for name, n in counts.items())
     notes = [f"{RECORDS} follows the corpus, whose utterances changed: {fields}; e.g. {example}"]
-    if "caption" in counts and (cache / TEXT_STORE).is_dir():
-        notes.append(f"the caption embeddings in {cache / TEXT_STORE} are of the old texts: delete that folder "
-                     "and run embed-images again")
+    for field_name, store, what, old_ones in (("caption", TEXT_STORE, "caption embeddings", "texts"),
+                                              ("image_path", IMAGE_STORE, "image embeddings", "image files")):
+        if field_name in counts and (cache / store).is_dir():
+            notes.append(f"the {what} in {cache / store} are of the old {old_ones}: delete that folder and run "
+                         "embed-images again")
     return notes
 
 

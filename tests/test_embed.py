@@ -459,6 +459,16 @@ def test_extract_audio_after_embed_images_says_when_the_captions_changed_between
     assert not any("changed since" in line for line in again.lines())
 
 
+def test_the_records_digest_spares_reading_records_jsonl(corpus, teacher, tmp_path, monkeypatch):
+    """The same corpus as extract-audio's: cache.json's records digest vouches for records.jsonl, which is not
+    read (2 s on SpokenCOCO, each shard job)."""
+    from pipeline.extract import ExtractConfig, extract_audio
+    cache = tmp_path / "cache"
+    extract_audio(ExtractConfig(data=corpus, cache=cache, workers=1, progress=False))
+    monkeypatch.setattr("pipeline.embed.read_records", lambda cache: pytest.fail("records.jsonl was read"))
+    run(corpus, cache, teacher)
+
+
 def test_refuses_a_manifest_of_the_same_utterances_with_other_caption_ids(teacher, tmp_path):
     """A JSONL manifest of the cached wavs whose caption ids are not extract-audio's: the trainer would find
     no caption embedding for any utterance; refused, naming records.jsonl, before anything is embedded."""

@@ -343,6 +343,24 @@ def test_records_follow_a_corpus_split_or_captioned_anew(tmp_path, corpus):
     assert "follows the corpus" not in "\n".join(run(copy, cache).lines())    # once
 
 
+def test_records_say_when_an_image_file_changed_under_its_id(tmp_path):
+    """A JSONL manifest that points an image id at another file: the image embeddings are of the old file."""
+    from pipeline.corpus import read_corpus
+    flickr = write_tiny_flickr(tmp_path / "flickr", images=2)
+    rows = [{"audio": u.audio_path, "image": u.image_path, "caption": u.caption, "split": u.split,
+             "id": u.utt_id, "image_id": u.image_id} for u in read_corpus(flickr).utterances]
+    manifest, cache = tmp_path / "m.jsonl", tmp_path / "cache"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run(manifest, cache)
+    (cache / "images").mkdir()                            # as if embed-images had run
+    moved = tmp_path / "better.jpg"
+    shutil.copy(rows[0]["image"], moved)
+    manifest.write_text("".join(json.dumps({**r, "image": str(moved)} if r["image_id"] == rows[0]["image_id"]
+                                           else r) + "\n" for r in rows))
+    said = "\n".join(run(manifest, cache).lines())
+    assert "image_path (5)" in said and f"the image embeddings in {cache / 'images'} are of the old image files" in said
+
+
 # ---- bad input files ----
 
 def spoil(corpus: Path) -> dict[str, str]:
