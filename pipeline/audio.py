@@ -52,6 +52,10 @@ def load_audio(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE) -> torch
     if file_rate != sample_rate:
         wave = AF.resample(wave, orig_freq=int(file_rate), new_freq=sample_rate)
     if not bool(wave.any()):
-        # Checked after mixing: opposite-phase stereo channels cancel to a silent mono signal.
         raise AudioError("silent (all samples zero)", path)
+    if float(wave.abs().max()) < 2.0 ** -15:
+        # checked after mixing: opposite-phase stereo channels cancel to a mono signal of rounding residue
+        # (16-bit's -32768 has no +32768), which peak normalisation would blow up into features of noise
+        raise AudioError("silent (no sample reaches one 16-bit step, e.g. stereo channels in opposite phase)",
+                         path)
     return wave.to(torch.float32).contiguous()

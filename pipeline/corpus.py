@@ -255,6 +255,20 @@ FLICKR_SPLIT_FILES = (("train", "Flickr_8k.trainImages.txt"), ("dev", "Flickr_8k
                       ("test", "Flickr_8k.testImages.txt"))
 
 
+FOLDER_SAMPLE = 50   # images looked for in each candidate folder
+
+
+def _folder_holding(candidates: list[Path], names: list[str]) -> Path:
+    """The first candidate folder that holds one of the first FOLDER_SAMPLE `names` (not only the first: one
+    missing image must not send all the others to a folder where none is); else the first folder there is,
+    else the first candidate (the missing-file report then names the paths)."""
+    sample = names[:FOLDER_SAMPLE]
+    for folder in candidates:
+        if folder.is_dir() and any(os.path.isfile(os.path.join(folder, name)) for name in sample):
+            return folder
+    return next((folder for folder in candidates if folder.is_dir()), candidates[0])
+
+
 def _lines(path: Path) -> list[str]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: missing; the Flickr8k layout needs it (see REFERENCE.md §5 / README)")
@@ -270,8 +284,6 @@ def read_flickr8k(root: str | os.PathLike, check_files: bool = True) -> Corpus:
     root = Path(root).expanduser().resolve()
     report = CorpusReport("flickr8k", str(root))
     audio_dir, text_dir = root / "flickr_audio", root / "Flickr8k_text"
-    image_dir = next((root / d for d in FLICKR_IMAGE_DIRS if (root / d).is_dir()), root / FLICKR_IMAGE_DIRS[0])
-
     split_of: dict[str, str] = {}
     for split, name in FLICKR_SPLIT_FILES:
         for line in _lines(text_dir / name):
@@ -282,6 +294,7 @@ def read_flickr8k(root: str | os.PathLike, check_files: bool = True) -> Corpus:
                 report.add("image in two split lists (first kept)", f"{image} ({split_of[image]}, {split})")
                 continue
             split_of.setdefault(image, split)
+    image_dir = _folder_holding([root / d for d in FLICKR_IMAGE_DIRS], list(split_of))
 
     captions: dict[tuple[str, int], str] = {}
     token_file = text_dir / "Flickr8k.token.txt"
@@ -292,7 +305,12 @@ def read_flickr8k(root: str | os.PathLike, check_files: bool = True) -> Corpus:
         if m is None:
             report.add("malformed caption line", f"{token_file}:{i}")
             continue
-        captions[(m.group(1), int(m.group(2)))] = m.group(3).strip()
+        key, text = (m.group(1), int(m.group(2))), m.group(3).strip()
+        if not text:
+            report.add("empty caption text", f"{token_file}:{i}")
+            continue
+        if captions.setdefault(key, text) != text:
+            report.add("caption id twice with other texts (first kept)", f"{token_file}:{i} {key[0]}#{key[1]}")
 
     speakers: dict[str, str] = {}
     spk_file = audio_dir / "wav2spk.txt"
@@ -317,7 +335,7 @@ def read_flickr8k(root: str | os.PathLike, check_files: bool = True) -> Corpus:
         parts = line.split()
         if not parts:
             continue
-        if len(parts) != 3 or not re.fullmatch(r"#\d+", parts[2]) or not parts[0].endswith(".wav"):
+        if len(parts) != 3 or not re.fullmatch(r"#\d+", parts[2]) or not parts[0].lower().endswith(".wav"):
             report.add("malformed wav2capt line", f"{capt_file}:{i}")
             continue
         wav, image, n = parts[0], parts[1], int(parts[2][1:])
@@ -345,7 +363,26 @@ def read_flickr8k(root: str | os.PathLike, check_files: bool = True) -> Corpus:
     for (image, n) in captions:
         if image in split_of and (image, n) not in spoken:
             report.add("caption without audio", f"{image}#{n}")
+    used = {u.image_path for u in utterances}
+    for image, split in split_of.items():   # a split that falls short of its list says so
+        if image_dir_str + image not in used:
+            report.add("image in a split list without utterances (no wav2capt line with a caption)",
+                       f"{image} ({split})")
+    if check_files:
+        _unlisted_wavs(audio_dir / "wavs", seen, report)
     return _finish("flickr8k", root, utterances, report, check_files)
+
+
+def _unlisted_wavs(folder: Path, listed: set[str], report: CorpusReport) -> None:
+    """Reports the wavs in `folder` that wav2capt.txt does not name (they are not read)."""
+    try:
+        with os.scandir(folder) as entries:
+            names = sorted(e.name for e in entries if e.name.lower().endswith(".wav"))
+    except OSError:
+        return
+    for name in names:
+        if name[:-len(".wav")] not in listed:
+            report.add("wav file that wav2capt.txt does not name (not read)", str(folder / name))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -368,7 +405,11 @@ def _spokencoco_files(root: Path) -> list[tuple[Path, str]]:
 
 def _split_from_filename(path: Path) -> str:
     m = re.fullmatch(r"SpokenCOCO_(\w+?)(?:_karpathy)?\.json", path.name)
-    return _split_name(m.group(1) if m else "train", str(path))
+    if m is None:
+        raise ValueError(f"{path}: the split of a SpokenCOCO file is read from its name, "
+                         "SpokenCOCO_{train,val,test}[_karpathy].json; rename it, or list its utterances in a "
+                         "JSONL manifest (one line each, with a \"split\")")
+    return _split_name(m.group(1), str(path))
 
 
 @_gc_paused
@@ -396,9 +437,9 @@ def read_spokencoco(path: str | os.PathLike, image_root: str | os.PathLike | Non
         entries.extend((item, split, f"{file}:data[{i}]") for i, item in enumerate(data["data"]))
 
     if image_root is None:
-        candidates = [root, root / "images", root.parent]
-        first = next((e[0].get("image") for e in entries if isinstance(e[0], dict) and e[0].get("image")), None)
-        image_root = next((c for c in candidates if first and (c / first).is_file()), root)
+        images = [e[0]["image"] for e in entries[:FOLDER_SAMPLE]
+                  if isinstance(e[0], dict) and isinstance(e[0].get("image"), str)]
+        image_root = _folder_holding([root, root / "images", root.parent], images)
     image_root = Path(image_root).expanduser().resolve()
 
     utterances: list[Utterance] = []
@@ -437,6 +478,12 @@ JSONL_FIELDS = "audio, image, caption, split (required); id, image_id, caption_i
 
 
 @_gc_paused
+def _given(row: dict, key: str) -> str | None:
+    """An optional field as a string: 0 is an id; null and "" are not given."""
+    value = row.get(key)
+    return None if value is None or str(value).strip() == "" else str(value).strip()
+
+
 def read_jsonl(path: str | os.PathLike, check_files: bool = True) -> Corpus:
     """Reads a manifest with one JSON object per line; relative paths are relative to the manifest's folder.
 
@@ -465,18 +512,18 @@ def read_jsonl(path: str | os.PathLike, check_files: bool = True) -> Corpus:
         if wrong:
             report.add("audio, image, caption and split must be strings", f"{where} {wrong[0]}: {row[wrong[0]]!r}")
             continue
-        if row["split"].lower() not in SPLIT_ALIASES:
+        if row["split"].strip().lower() not in SPLIT_ALIASES:
             report.add("unknown split (use train, dev/val, test)", f"{where} {row['split']!r}")
             continue
         audio, image = _under(str(root), row["audio"]), _under(str(root), row["image"])
-        utt_id = str(row.get("id") or Path(audio).stem)
+        utt_id = _given(row, "id") or Path(audio).stem
         if utt_id in seen:
             report.add("duplicate utterance id (first kept)", f"{where} {utt_id}")
             continue
         seen.add(utt_id)
         utterances.append(Utterance(
-            utt_id=utt_id, audio_path=audio, image_id=str(row.get("image_id") or Path(image).stem),
+            utt_id=utt_id, audio_path=audio, image_id=_given(row, "image_id") or Path(image).stem,
             image_path=image, caption=row["caption"].strip(),
-            caption_id=str(row.get("caption_id") or utt_id), speaker=str(row.get("speaker", "unknown")),
+            caption_id=_given(row, "caption_id") or utt_id, speaker=_given(row, "speaker") or "unknown",
             split=_split_name(row["split"], where)))
     return _finish("jsonl", path, utterances, report, check_files)

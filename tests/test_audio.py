@@ -101,6 +101,20 @@ def test_silent_file(tmp_path: Path):
         load_audio(path)
 
 
+def test_stereo_channels_in_opposite_phase_are_silent_after_mixing(tmp_path: Path):
+    """16-bit's -32768 has no +32768: channels that cancel leave a residue of half a step, which peak
+    normalisation would turn into features of rounding noise."""
+    left = np.clip(np.round(tone(0.5, SAMPLE_RATE) * 70000), -32768, 32767).astype(np.int16)   # clipped
+    path = tmp_path / "anti.wav"
+    sf.write(path, np.stack([left, (-left.astype(np.int32)).clip(-32768, 32767).astype(np.int16)], 1),
+             SAMPLE_RATE, subtype="PCM_16")
+    with pytest.raises(AudioError, match="silent \\(no sample reaches one 16-bit step"):
+        load_audio(path)
+    quiet = tmp_path / "quiet.wav"   # a quiet but real recording is not silent
+    sf.write(quiet, (tone(0.5, SAMPLE_RATE) * 0.001).astype(np.float32), SAMPLE_RATE, subtype="PCM_16")
+    assert load_audio(quiet).abs().max() > 2.0 ** -15
+
+
 def test_too_short_for_one_frame_after_loading(tmp_path: Path):
     path = tmp_path / "blip.wav"
     sf.write(path, tone(0.02, SAMPLE_RATE), SAMPLE_RATE, subtype="PCM_16")  # 320 samples < 400

@@ -73,6 +73,36 @@ def test_flickr8k_layout_and_quirks(tmp_path):
     assert "missing audio file: 1" in corpus.describe()
 
 
+def test_flickr8k_quirks_of_real_copies(tmp_path):
+    """Layouts and lines real copies have: the images one folder deeper (Flickr8k_Dataset/Flicker8k_Dataset),
+    an upper-case .WAV, a caption id given twice with other texts, an empty caption, a wav that wav2capt.txt
+    does not name, and a split-list image that lost its lines (its split falls short of the list: said)."""
+    write_flickr(tmp_path)
+    (tmp_path / "Flickr8k_Dataset").mkdir()
+    (tmp_path / "Flicker8k_Dataset").rename(tmp_path / "Flickr8k_Dataset" / "Flicker8k_Dataset")
+    audio, text = tmp_path / "flickr_audio", tmp_path / "Flickr8k_text"
+    (audio / "wavs" / "1000_aa_1.wav").rename(audio / "wavs" / "1000_aa_1.WAV")
+    capt = (audio / "wav2capt.txt").read_text().replace("1000_aa_1.wav", "1000_aa_1.WAV")
+    (audio / "wav2capt.txt").write_text("\n".join(line for line in capt.splitlines()
+                                                  if not line.startswith("1001_bb")) + "\n")
+    wav(audio / "wavs" / "9999_zz_0.wav")
+    with open(text / "Flickr8k.token.txt", "a") as f:
+        f.write("1000_aa.jpg#2\tA cat sleeps .\n1000_aa.jpg#0\tA dog runs on the grass number 0 .\n"
+                "1002_cc.jpg#3\t \n")
+    corpus = read_corpus(tmp_path)
+    r = corpus.report
+    assert r.count("missing image file") == 0             # found one folder deeper
+    assert corpus.utterances[0].image_path.startswith(str(tmp_path / "Flickr8k_Dataset" / "Flicker8k_Dataset"))
+    assert "1000_aa_1" in {u.utt_id for u in corpus.utterances} and r.count("malformed wav2capt line") == 1
+    assert r.count("caption id twice with other texts (first kept)") == 1          # not the same text again
+    assert next(u for u in corpus.utterances if u.caption_id == "1000_aa#2").caption.endswith("number 2 .")
+    assert r.count("empty caption text") == 1
+    assert r.problems["image in a split list without utterances (no wav2capt line with a caption)"].examples \
+        == ["1001_bb.jpg (train)"]
+    unlisted = r.problems["wav file that wav2capt.txt does not name (not read)"]   # 1001_bb_3 is not on disk
+    assert unlisted.count == 5 and unlisted.examples == [str(audio / "wavs" / f"1001_bb_{n}.wav") for n in range(3)]
+
+
 def test_flickr8k_accepts_the_audio_folder_itself(tmp_path):
     write_flickr(tmp_path)
     assert len(read_corpus(tmp_path / "flickr_audio").utterances) == 14
@@ -135,6 +165,33 @@ def test_spokencoco_single_file_and_bad_json(tmp_path):
     (tmp_path / "SpokenCOCO_val.json").write_text("[1, 2")
     with pytest.raises(ValueError, match="SpokenCOCO_val.json: not valid JSON"):
         read_corpus(tmp_path / "SpokenCOCO_val.json")
+
+
+def test_spokencoco_image_folder_is_found_past_a_missing_first_image_and_names_are_required(tmp_path):
+    """The images lie beside SpokenCOCO/ (COCO's own folders): found though the first listed image is missing,
+    which is then the one reported; a JSON file whose name gives no split is refused, not read as train."""
+    coco = tmp_path / "SpokenCOCO"
+    items = []
+    for i in range(4):
+        wav(coco / "wavs" / f"u{i}.wav")
+        if i:
+            touch(tmp_path / "val2014" / f"COCO_{i}.jpg")
+        items.append(spokencoco_item(f"val2014/COCO_{i}.jpg", [f"wavs/u{i}.wav"]))
+    (coco / "SpokenCOCO_val.json").write_text(json.dumps({"data": items}))
+    corpus = read_corpus(coco / "SpokenCOCO_val.json")
+    assert corpus.report.problems["missing image file"].examples == [str(tmp_path / "val2014" / "COCO_0.jpg")]
+    (coco / "SpokenCOCO_val.json").rename(coco / "karpathy_val.json")
+    with pytest.raises(ValueError, match="karpathy_val.json: the split of a SpokenCOCO file is read from its name"):
+        read_spokencoco(coco / "karpathy_val.json")
+
+
+def test_jsonl_optional_fields_as_people_write_them(tmp_path):
+    """"Train " is train, an "id" of 0 is the id "0", a null speaker is unknown."""
+    row = {"audio": "a.wav", "image": "a.jpg", "caption": "a dog", "split": "Train ", "id": 0, "speaker": None}
+    (tmp_path / "m.jsonl").write_text(json.dumps(row) + "\n")
+    corpus = read_jsonl(tmp_path / "m.jsonl", check_files=False)
+    assert [(u.utt_id, u.split, u.speaker, u.caption_id) for u in corpus.utterances] == [("0", "train", "unknown", "0")]
+    assert not corpus.report.lines()
 
 
 @pytest.mark.parametrize("rel", ["wavs/train/0/a.wav", "./wavs/a.wav", "wavs//a.wav", "wavs/./a.wav", "wavs/a/",
