@@ -219,6 +219,17 @@ def test_best_pt_follows_a_new_best_metric_and_the_last_weights_until_validated(
     assert load_checkpoint(out / "best.pt")["step"] == 7
 
 
+def test_every_setting_has_a_rule_on_resume():
+    """A setting added to TrainConfig must be given a rule for --resume (said, refused, taken silently, or the
+    invocation's own); one left out would change silently under a resumed run."""
+    from trainer.config import ENCODER_FIELDS, FIELDS, INVOCATION_FIELDS
+    from trainer.train import CHECKED_APART, OPERATIONAL_FIELDS, RECIPE_FIELDS
+    model = {"conv_channels"} | set(ENCODER_FIELDS)      # EncoderConfig's: refused when they differ
+    groups = [set(INVOCATION_FIELDS), set(RECIPE_FIELDS), model, set(OPERATIONAL_FIELDS), set(CHECKED_APART)]
+    assert set().union(*groups) == FIELDS
+    assert sum(map(len, groups)) == len(FIELDS)          # each in one group
+
+
 def test_resume_takes_the_run_settings_from_its_config(tiny_cache, tmp_path):
     """`train --cache C --out RUN --resume` alone continues a run started with many options (the job
     script's second line need not repeat the first's): the same losses as a run that never stopped."""

@@ -226,6 +226,15 @@ RECIPE_FIELDS = ("symmetric", "targets", "one_caption_per_image", "batch_size", 
                  "weight_decay", "warmup", "grad_clip", "spec_augment", "bucket", "seed", "best_metric", "cpu_bf16")
 
 
+# how the run goes rather than what it learns: a resume takes the new value without a word (a stream position
+# under other readers is not restored: _restore says so)
+OPERATIONAL_FIELDS = ("compile", "compile_mode", "eval_batch_size", "eval_every", "log_every", "save_every",
+                      "workers", "stream_buffer")
+# the rest is checked apart: the model's fields (refused when they differ), data_mode and preset (refused),
+# steps (a notice of its own); the invocation's fields are never taken from the run (config.INVOCATION_FIELDS)
+CHECKED_APART = ("data_mode", "preset", "steps")
+
+
 def _resume_notices(cfg: TrainConfig, state: dict, last: Path) -> list[str]:
     """What a user should know before a resumed run goes on: changed settings, nothing left to train."""
     before = state["config"]
