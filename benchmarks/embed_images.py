@@ -37,6 +37,7 @@ from cache.manifest import IMAGE_STORE, atomic_write_text  # noqa: E402
 from cache.reader import StoreReader  # noqa: E402
 import pipeline.images as images_module  # noqa: E402
 from pipeline.embed import EmbedConfig, embed_images, load_teacher  # noqa: E402
+from pipeline.extract import check_device  # noqa: E402
 from pipeline.images import ImageFiles, PackedItems, _decode_jpegs, decode_on_device  # noqa: E402
 from pipeline.towers import autocast, image_tower  # noqa: E402
 from profiling import profiled  # noqa: E402
@@ -355,6 +356,10 @@ def main() -> None:
     if min(args.images, args.batch_size, args.ceiling_batches, *also) < 1 or args.workers < 0:
         parser.error("--images, --batch-size, --ceiling-batches, --also-batch-sizes must be >= 1 and "
                      "--workers >= 0")
+    try:   # before the pictures are written: a missing GPU is said at once, in the stage's words
+        check_device(args.device)
+    except ValueError as e:
+        parser.error(str(e))
     manifest = make_corpus(args.out, args.images, args.workers)
     paths = sorted((manifest.parent / "images").glob("*.jpg"))
     size_kb = np.mean([p.stat().st_size for p in paths[:200]]) / 1000

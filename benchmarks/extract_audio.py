@@ -4,8 +4,8 @@
     python benchmarks/extract_audio.py --utterances 3000 --workers 2 --out /tmp/bench-extract --json fig.json
     python benchmarks/extract_audio.py --utterances 20000 --workers 16 --device cuda --repeats 1 ...   # GPU box
 
-The corpus is the demo's espeak-ng speech (pipeline.demo), made once under --out and reused; where the demo
-generator is not available, tests/corpora.py's synthetic speech-like audio stands in (said in the output).
+The corpus is the demo's espeak-ng speech (pipeline.demo), made once under --out and reused (the demo's
+espeak-ng, from the espeakng-loader wheel, must be installed).
 """
 from __future__ import annotations
 

@@ -156,8 +156,9 @@ case "$phase" in
     steps=${LEASE_STEPS:-50} utts=${LEASE_UTTERANCES:-10240}   # one synthetic train cache for all three
     export PYTHONUNBUFFERED=1
     {
-      step 120 python3 benchmarks/embed_images.py --images "$images" --device "$device" --batch-size 256 \
-        --workers 16 --gpu-decode --ceiling-batches 30 --quiet --out /tmp/bench-embed \
+      step 120 python3 benchmarks/embed_images.py --images "$images" --device "$device" \
+        --batch-size "${LEASE_EMBED_BATCH:-256}" --workers "${LEASE_WORKERS:-16}" --gpu-decode \
+        --ceiling-batches "${LEASE_CEILING_BATCHES:-30}" --quiet --out /tmp/bench-embed \
         --json "$out/embed_images_cuda.json"
       step 90 python3 benchmarks/train_throughput.py --device "$device" --cache /tmp/bench-train --utterances "$utts" \
         --batch-sizes "$sizes" --steps "$steps" --json "$out/train_throughput_cuda.json"

@@ -19,7 +19,7 @@ from trainer.sampler import LengthBucketBatchSampler  # noqa: E402
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--utterances", type=int, nargs="+", default=[30_000, 100_000])
     parser.add_argument("--batch-size", type=int, default=1024)
     args = parser.parse_args()

@@ -2,7 +2,7 @@
 """Captions/s of embed-images' caption path on the host: open_clip's tokenizer in DataLoader worker processes
 against tokenizing in the main process, one process, alternating rounds.
 
-    python benchmarks/tokenize_captions.py --captions 40000 --workers 1 2
+    python benchmarks/tokenize_captions.py --captions 40000 --workers 2 4
 
 The tower is a trivial stand-in (the first 8 token ids, normalised), so that the figure is the host's side
 alone: on a GPU the text tower of ViT-B-32 is a CUDA graph replay per batch and costs the host next to
@@ -39,7 +39,7 @@ def captions_per_s(teacher: Teacher, tower: Tower, batches: list, workers: int) 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--captions", type=int, default=40000, help="[40000]")
     parser.add_argument("--batch-size", type=int, default=256, help="[256]")
     parser.add_argument("--workers", type=int, nargs="+", default=[2], help="worker counts to try [2]")
@@ -60,7 +60,8 @@ def main() -> None:
     print(f"{platform.node()}: {len(__import__('os').sched_getaffinity(0))} cores, Python "
           f"{platform.python_version()}, torch {torch.__version__}; {args.captions} captions, batch {args.batch_size}")
     for workers, rate in best.items():
-        where = "in the main process" if workers == 0 else f"in {workers} worker processes"
+        # embed-images tokenizes in the main process below 2 workers (a single one only hands batches over)
+        where = "in the main process" if workers < 2 else f"in {workers} worker processes"
         print(f"  tokenized {where + ':':<28}{rate:9.0f} captions/s  {rate / best[0]:.2f}x")
     if args.json:
         args.json.write_text(json.dumps({"date": datetime.date.today().isoformat(), "command": " ".join(sys.argv),

@@ -12,6 +12,7 @@ folder. Goal: the real loop at least 0.9x the ceiling at every batch size.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 import tempfile
@@ -92,6 +93,14 @@ def measure(cfg: TrainConfig, frames: int, steps: int, warmup: int, repeats: int
     of `repeats` alternating rounds; the data path's share of the real loop (`data_us_per_step`: what
     `advance` adds to `fit_step`, timed alone); with `profile_dir`, torch.profiler tables of both paths."""
     run = build_run(cfg)
+    try:
+        return _measured(run, cfg, frames, steps, warmup, repeats, profile_dir)
+    finally:   # stream readers shut down on an error too: left to exit, they would hang it
+        run.source.close()
+
+
+def _measured(run, cfg: TrainConfig, frames: int, steps: int, warmup: int, repeats: int,
+              profile_dir: Path | None) -> dict:
     device, batch = run.device, cfg.batch_size
     gen = torch.Generator(device=device).manual_seed(0)
 
@@ -114,8 +123,10 @@ def measure(cfg: TrainConfig, frames: int, steps: int, warmup: int, repeats: int
             wall, cpu = timed(step, steps, device)
             best[f"{name}_utt_per_s"] = max(best[f"{name}_utt_per_s"], steps * batch / wall)
             best[f"{name}_utt_per_cpu_s"] = max(best[f"{name}_utt_per_cpu_s"], steps * batch / cpu)
-    # the batches alone, as advance() makes them (the sampler moves on; nothing is trained)
-    data_wall, data_cpu = timed(lambda: run.source.next(run.step).feats[0, 0, 0], steps, device)
+    # the batches alone, as advance() makes them (the sampler moves on; nothing is trained), for the steps
+    # that follow in order (stream mode's readers hand them over step by step)
+    following = itertools.count(run.step)
+    data_wall, data_cpu = timed(lambda: run.source.next(next(following)).feats[0, 0, 0], steps, device)
     profile_error = {}
     if profile_dir is not None:
         try:   # the profiler (CUPTI) must not cost the figures above
@@ -123,7 +134,6 @@ def measure(cfg: TrainConfig, frames: int, steps: int, warmup: int, repeats: int
         except Exception as e:
             profile_error = {"profile_error": f"{type(e).__name__}: {e}"}
             print(f"batch {batch}: the profile failed: {profile_error['profile_error']}", file=sys.stderr)
-    run.source.close()
     return {"batch_size": batch, **best, **warmup_s, "ratio": best["real_utt_per_s"] / best["ceiling_utt_per_s"],
             "cpu_ratio": best["real_utt_per_cpu_s"] / best["ceiling_utt_per_cpu_s"],
             "data_us_per_step": 1e6 * data_wall / steps, "data_cpu_us_per_step": 1e6 * data_cpu / steps,
