@@ -25,13 +25,14 @@ class AudioError(Exception):
         super().__init__(reason if self.path is None else f"{self.path}: {reason}")
 
 
-def load_audio(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE) -> torch.Tensor:
+def load_audio(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE,
+               resampled: dict[int, int] | None = None) -> torch.Tensor:
     """Read an audio file as mono float32 [S] in [-1, 1] at `sample_rate` Hz.
 
     Integer PCM (16/24/32-bit) and float WAV/FLAC are read through soundfile; channels are averaged; a
     file at another rate is resampled with torchaudio's band-limited sinc resampler.
     Raises AudioError (message and `.path` name the file) for a missing, unreadable, empty, non-finite
-    or all-zero file.
+    or all-zero file. `resampled`, where given, counts the files at each other rate.
     """
     if not isinstance(sample_rate, int) or sample_rate <= 0:
         raise ValueError(f"sample_rate must be a positive int in Hz, got {sample_rate!r}")
@@ -51,6 +52,8 @@ def load_audio(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE) -> torch
     wave = torch.from_numpy(data[:, 0] if data.shape[1] == 1 else data.mean(axis=1))
     if file_rate != sample_rate:
         wave = AF.resample(wave, orig_freq=int(file_rate), new_freq=sample_rate)
+        if resampled is not None:
+            resampled[int(file_rate)] = resampled.get(int(file_rate), 0) + 1
     if not bool(wave.any()):
         raise AudioError("silent (all samples zero)", path)
     if float(wave.abs().max()) < 2.0 ** -15:

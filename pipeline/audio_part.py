@@ -30,14 +30,15 @@ def _failure(u: dict, reason: str) -> dict:
     return {"stage": "audio", "id": u["utt_id"], "path": u["audio_path"], "reason": reason}
 
 
-def decode_all(utts: list[dict], recipe, failures: list[dict]) -> tuple[list, float]:
+def decode_all(utts: list[dict], recipe, failures: list[dict], resampled: dict[int, int]) -> tuple[list, float]:
     """Decodes and prepares (trim...) each utterance: [(utterance, wave [S'] float32)] and the seconds of
-    audio decoded; the ones that fail are appended to `failures` instead."""
+    audio decoded; the ones that fail are appended to `failures` instead; `resampled` counts the files at
+    each other rate."""
     decoded, seconds = [], 0.0
     for u in utts:
         path = u["audio_path"]
         try:
-            wave = load_audio(path, recipe.sample_rate)   # resampled to the rate the recipe's frames assume
+            wave = load_audio(path, recipe.sample_rate, resampled)   # at the rate the recipe's frames assume
             decoded.append((u, prepare(recipe, wave, known_finite=True).numpy()))
             seconds += len(wave) / recipe.sample_rate
         except AudioError as err:
@@ -107,18 +108,18 @@ def init_worker(recipe_name: str, recipe_options: dict, store: Path, fmt: str, t
 def extract_part(task: tuple[int, list[dict]]) -> dict:
     """Worker of the CPU path: decode, compute and write one part, a window at a time (bounded memory)."""
     part, utts = task
-    recipe, failures, audio_seconds = _worker["recipe"], [], [0.0]
+    recipe, failures, audio_seconds, resampled = _worker["recipe"], [], [0.0], {}
 
     def windows():
         for s in range(0, len(utts), WINDOW):
-            decoded, seconds = decode_all(utts[s:s + WINDOW], recipe, failures)
+            decoded, seconds = decode_all(utts[s:s + WINDOW], recipe, failures, resampled)
             feats = compute_features(recipe, [w for _, w in decoded])
             audio_seconds[0] += seconds
             _worker["ticks"].put((len(utts[s:s + WINDOW]), seconds))
             yield [(u, f) for (u, _), f in zip(decoded, feats)]
 
     out = write_part(_worker["store"], part, _worker["fmt"], recipe, utts, windows(), failures)
-    return {**out, "audio_seconds": audio_seconds[0]}
+    return {**out, "audio_seconds": audio_seconds[0], "resampled": resampled}
 
 
 def decode_part(task: tuple[int, list[dict]]):
@@ -126,5 +127,6 @@ def decode_part(task: tuple[int, list[dict]]):
     the features on the batch device."""
     part, utts = task
     failures: list[dict] = []
-    decoded, seconds = decode_all(utts, _worker["recipe"], failures)
-    return part, utts, decoded, failures, seconds
+    resampled: dict[int, int] = {}
+    decoded, seconds = decode_all(utts, _worker["recipe"], failures, resampled)
+    return part, utts, decoded, failures, seconds, resampled

@@ -107,6 +107,8 @@ class ExtractSummary:
     failed: int = 0              # utterances that failed in this run
     failures: dict[str, int] = field(default_factory=dict)  # kind -> count, over all complete parts
     audio_seconds: float = 0.0   # decoded by this run
+    resampled: dict[int, int] = field(default_factory=dict)   # files at another rate than the recipe's, by rate
+    sample_rate: int = 16000     # the recipe's
     work_seconds: float = 0.0    # from starting the workers to the last part written
     seconds: float = 0.0         # the whole run
     indexed: int | None = None   # utterances in the index, when this run built it
@@ -130,6 +132,12 @@ class ExtractSummary:
                        f"{self.audio_seconds / 3600:.2f} h of audio in {self.work_seconds:.1f} s with "
                        f"{self.workers} workers ({(self.written + self.failed) * per_s:.0f} utt/s, "
                        f"{self.audio_seconds * per_s:.0f}x real time; {self.seconds:.1f} s in all)")
+        if self.resampled:   # telephone speech at 8 kHz has nothing above 4 kHz: worth knowing before training
+            rates = ", ".join(f"{n} at {rate} Hz" for rate, n in sorted(self.resampled.items()))
+            low = min(self.resampled)
+            band = (f"; below {self.sample_rate} Hz the band above {low // 2} Hz is empty"
+                    if low < self.sample_rate else "")
+            out.append(f"resampled to {self.sample_rate} Hz: {rates}{band}")
         where = "failures.jsonl" if self.indexed is not None else f"{AUDIO_STORE}/{FAILURES_DIR}"
         kinds = ", ".join(f"{k} {v}" for k, v in sorted(self.failures.items(), key=lambda kv: -kv[1]))
         failed = (f"{self.failures_total} failed ({kinds}; listed in {self.cache / where})" if self.failures
@@ -314,7 +322,7 @@ def _extract_audio(cfg: ExtractConfig, held: contextlib.ExitStack) -> ExtractSum
     store = cfg.cache / AUDIO_STORE
     plan = plan_parts(len(corpus.utterances), cfg.part_size)
     summary = ExtractSummary(cache=cfg.cache, utterances=len(corpus.utterances), parts=len(plan),
-                             shard=cfg.shard, workers=cfg.workers, notes=notes)
+                             shard=cfg.shard, workers=cfg.workers, notes=notes, sample_rate=recipe.sample_rate)
     done = completed_parts(store)
     if cfg.index_only:
         missing = [part_path(store, k, cfg.fmt).name for k in range(len(plan)) if k not in done]
@@ -418,6 +426,8 @@ def _run_parts(cfg: ExtractConfig, recipe, tasks: list[tuple[int, list]], summar
                     summary.written += out["written"]
                     summary.failed += out["failed"]
                     summary.audio_seconds += out["audio_seconds"]
+                    for rate, n in out["resampled"].items():
+                        summary.resampled[rate] = summary.resampled.get(rate, 0) + n
             pool.shutdown()  # the workers flush their last ticks as they exit
             progress.drain(ticks)
         except BrokenProcessPool as err:
@@ -434,12 +444,12 @@ def _run_parts(cfg: ExtractConfig, recipe, tasks: list[tuple[int, list]], summar
 
 
 def _write_decoded(cfg: ExtractConfig, recipe, part: int, utts: list[dict], decoded: list,
-                   failures: list[dict], seconds: float) -> dict:
+                   failures: list[dict], seconds: float, resampled: dict[int, int]) -> dict:
     """Batched path, in the main process: a decoded part's features on cfg.batch_device, then the part."""
     feats = compute_features(recipe, [w for _, w in decoded], cfg.batch_device, cfg.batch_size)
     batches = [[(u, f) for (u, _), f in zip(decoded, feats)]]
     out = write_part(cfg.cache / AUDIO_STORE, part, cfg.fmt, recipe, utts, batches, failures)
-    return {**out, "audio_seconds": seconds, "utterances": len(utts)}
+    return {**out, "audio_seconds": seconds, "utterances": len(utts), "resampled": resampled}
 
 
 # ---- speaker-level CMVN (mfcc-kaldi with normalisation=speaker) ----

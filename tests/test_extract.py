@@ -502,6 +502,21 @@ def test_a_recipe_at_another_sample_rate_gets_the_audio_resampled_to_it(tmp_path
                                atol=2e-2, rtol=1e-2)
 
 
+@pytest.mark.parametrize("batch_device", [None, "cpu"])
+def test_the_summary_says_which_files_were_resampled(tmp_path, batch_device):
+    """Telephone speech at 8 kHz in a 16 kHz corpus has nothing above 4 kHz: the run says how many files
+    came at which rate, on the worker path and the batched one alike."""
+    corpus = write_tiny_flickr(tmp_path / "corpus", images=1)
+    wavs = sorted((corpus / "flickr_audio" / "wavs").glob("*.wav"))
+    for path in wavs[:2]:
+        wave, rate = sf.read(path, dtype="float32")
+        sf.write(path, wave[::2], rate // 2, subtype="PCM_16")
+    summary = extract_audio(ExtractConfig(data=corpus, cache=tmp_path / "cache", workers=1, progress=False,
+                                          batch_device=batch_device))
+    assert summary.resampled == {8000: 2}
+    assert "resampled to 16000 Hz: 2 at 8000 Hz; below 16000 Hz the band above 4000 Hz is empty" in summary.lines()
+
+
 def test_bad_files_are_recorded_and_the_rest_continues(tmp_path):
     corpus = write_tiny_flickr(tmp_path / "corpus", images=5)
     expected = spoil(corpus)
