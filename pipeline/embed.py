@@ -294,8 +294,9 @@ def _embed_images(cfg: EmbedConfig, held: contextlib.ExitStack) -> EmbedSummary:
     if cfg.shard[0] == 0:
         _write_keyword_store(cfg, fmt, teacher, texts, words, attrs)
         summary.keywords = len(words)
-    if image_failures is not None:
-        record_stage_failures(cfg.cache, "images", image_failures)
+    if image_failures is not None:   # at the corpus's present paths (a part may predate a move)
+        record_stage_failures(cfg.cache, "images", [{**f, "path": images.get(f["id"], f.get("path"))}
+                                                    for f in image_failures])
     for name in (IMAGE_STORE, TEXT_STORE, KEYWORD_STORE):
         summary.indexed[name] = (cfg.cache / name / INDEX_FILE[fmt]).is_file()
     return summary

@@ -353,7 +353,10 @@ def _extract_audio(cfg: ExtractConfig, held: contextlib.ExitStack) -> ExtractSum
         summary.failures[kind] = summary.failures.get(kind, 0) + 1
     if not summary.missing_parts:
         summary.indexed = build_index(store)
-        record_stage_failures(cfg.cache, "audio", failures)
+        # at the corpus's present paths: a part written before the corpus moved recorded the old ones
+        audio_of = {u.utt_id: u.audio_path for u in corpus.utterances}
+        record_stage_failures(cfg.cache, "audio", [{**f, "path": audio_of.get(f["id"], f.get("path"))}
+                                                   for f in failures])
         if getattr(recipe, "normalisation", None) == "speaker" and speaker_cmvn_stale(cfg.cache):
             write_speaker_cmvn(cfg.cache)
     summary.seconds = time.perf_counter() - started

@@ -269,6 +269,16 @@ def test_bad_images_are_recorded_or_converted(bad_corpus, teacher, tmp_path, gpu
     assert np.linalg.norm(got[2] - black[0]) > 5 * np.linalg.norm(got[2] - want[2])
 
 
+def test_image_failures_name_the_files_where_the_corpus_lies_now(teacher, tmp_path):
+    root = write_corpus(tmp_path / "corpus", shapes=SHAPES[:2], seed=3)
+    bad = sorted((root / "Flicker8k_Dataset").glob("*.jpg"))[0]
+    bad.write_text("not an image\n")
+    run(root, tmp_path / "cache", teacher)
+    moved = root.rename(tmp_path / "moved")
+    run(moved, tmp_path / "cache", teacher)
+    assert [f["path"] for f in read_failures(tmp_path / "cache")] == [str(moved / "Flicker8k_Dataset" / bad.name)]
+
+
 def test_fixed_images_are_embedded_by_retry_failed(teacher, tmp_path):
     root = write_corpus(tmp_path / "corpus", shapes=SHAPES[:6], seed=3)
     paths = sorted((root / "Flicker8k_Dataset").glob("*.jpg"))

@@ -314,6 +314,19 @@ def test_a_corpus_moved_between_runs_is_followed(tmp_path, corpus, caches):
     assert "corpus.root" not in out and "pass the settings it was made with" in out
 
 
+def test_failures_name_the_files_where_the_corpus_lies_now(tmp_path):
+    """A failure recorded before the corpus moved names the file at its new place, where it can be fixed."""
+    first = write_tiny_flickr(tmp_path / "first", images=1)
+    bad = sorted((first / "flickr_audio" / "wavs").glob("*.wav"))[0]
+    bad.write_bytes(b"not a sound file" * 40)
+    cache = tmp_path / "cache"
+    run(first, cache)
+    moved = tmp_path / "moved"
+    first.rename(moved)
+    run(moved, cache)
+    assert [f["path"] for f in read_failures(cache)] == [str(moved / "flickr_audio" / "wavs" / bad.name)]
+
+
 def test_records_follow_a_corpus_split_or_captioned_anew(tmp_path, corpus):
     """The same utterances, split anew (dev and test lists swapped, another size) or with corrected captions:
     the features stay, and records.jsonl, which train and evaluate take the splits and captions from, follows
