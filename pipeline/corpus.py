@@ -477,13 +477,13 @@ def read_spokencoco(path: str | os.PathLike, image_root: str | os.PathLike | Non
 JSONL_FIELDS = "audio, image, caption, split (required); id, image_id, caption_id, speaker (optional)"
 
 
-@_gc_paused
 def _given(row: dict, key: str) -> str | None:
     """An optional field as a string: 0 is an id; null and "" are not given."""
     value = row.get(key)
     return None if value is None or str(value).strip() == "" else str(value).strip()
 
 
+@_gc_paused
 def read_jsonl(path: str | os.PathLike, check_files: bool = True) -> Corpus:
     """Reads a manifest with one JSON object per line; relative paths are relative to the manifest's folder.
 

@@ -400,3 +400,22 @@ def test_jsonl_lines_are_numbered_as_in_the_file(tmp_path):
     corpus = read_jsonl(tmp_path / "c.jsonl")
     assert len(corpus.utterances) == 1
     assert corpus.report.problems["malformed line (not JSON)"].examples == [f"{tmp_path / 'c.jsonl'}:3"]
+
+
+def test_every_reader_pauses_the_garbage_collector(tmp_path, monkeypatch):
+    """Its full passes over the utterances built so far cost seconds on SpokenCOCO (docs/benchmarks.md)."""
+    import gc
+    import pipeline.corpus as corpus_module
+    enabled = []
+    real = corpus_module._finish
+    monkeypatch.setattr(corpus_module, "_finish", lambda *a: enabled.append(gc.isenabled()) or real(*a))
+    write_flickr(tmp_path / "flickr")
+    read_flickr8k(tmp_path / "flickr", check_files=False)
+    wav(tmp_path / "coco" / "wavs" / "a.wav")
+    item = spokencoco_item("x.jpg", ["wavs/a.wav"])
+    (tmp_path / "coco" / "SpokenCOCO_val.json").write_text(json.dumps({"data": [item]}))
+    read_spokencoco(tmp_path / "coco", check_files=False)
+    (tmp_path / "m.jsonl").write_text(json.dumps({"audio": "a.wav", "image": "a.jpg", "caption": "a",
+                                                  "split": "train"}) + "\n")
+    read_jsonl(tmp_path / "m.jsonl", check_files=False)
+    assert enabled == [False, False, False] and gc.isenabled()
