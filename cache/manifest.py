@@ -215,11 +215,11 @@ os.register_at_fork(after_in_child=_drop_held_locks)
 
 
 @contextlib.contextmanager
-def file_lock(path) -> Iterator[None]:
+def file_lock(path, wait: bool = True) -> Iterator[None]:
     """An exclusive lock (flock) on the file `path`, created if needed; the kernel drops it when its holder
-    dies, so a killed stage never leaves a lock behind."""
+    dies, so a killed stage never leaves a lock behind. wait=False: BlockingIOError where another holds it."""
     with open(path, "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+        fcntl.flock(lock, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         _HELD_LOCKS.add(lock.fileno())
         try:
             yield
@@ -239,18 +239,13 @@ def shard_lock(cache_dir, stage: str, shard: tuple[int, int]) -> Iterator[None]:
     writing as leftovers of a killed run. flock: the kernel drops it when its holder dies."""
     i, n = shard
     path = pathlib.Path(cache_dir) / f".{stage}-shard-{i}-of-{n}.lock"
-    with open(path, "a") as lock:
+    with contextlib.ExitStack() as held:
         try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            held.enter_context(file_lock(path, wait=False))
         except BlockingIOError:
             raise StageBusyError(f"another {stage} is running --shard {i}/{n} on {cache_dir} (it holds {path}); "
                                  "wait for it to finish or stop it, then run this again") from None
-        _HELD_LOCKS.add(lock.fileno())
-        try:
-            yield
-        finally:
-            _HELD_LOCKS.discard(lock.fileno())
-            fcntl.flock(lock, fcntl.LOCK_UN)
+        yield
 
 
 def _manifest_lock(cache_dir: pathlib.Path):
@@ -325,6 +320,18 @@ def _read_jsonl(path: pathlib.Path, tolerate_torn_tail: bool) -> list[dict]:
     return rows
 
 
+def check_prompt(prompt: str) -> None:
+    """A keyword-prompt template as embed-images fills it (and the keyword store records it): one '{}' where
+    the keyword goes, '{{' for a literal brace; ValueError otherwise."""
+    try:
+        filled = prompt.format("KEYWORD")
+    except (IndexError, KeyError, ValueError):
+        filled = ""
+    if "{}" not in prompt or "KEYWORD" not in filled:
+        raise ValueError(f"--prompt {prompt!r}: a template with one '{{}}' where the keyword goes ('{{{{' for a "
+                         "literal brace), as embed-images fills it, e.g. 'this is a photo of a {}'")
+
+
 def stage_command(cache_dir, stage: str, manifest: dict | None = None) -> str:
     """The command line that runs `stage` on this cache, filled in with what cache.json knows (the corpus,
     the teacher), for messages that send the user there: one that can be copied."""
@@ -368,8 +375,12 @@ def records_complete(cache_dir, utterances: int) -> bool:
     path = pathlib.Path(cache_dir) / RECORDS
     if not path.is_file():
         return False
-    data = path.read_bytes()
-    return data.count(b"\n") == utterances and (not data or data.endswith(b"\n"))
+    return whole_lines(path.read_bytes(), utterances)
+
+
+def whole_lines(data: bytes, lines: int) -> bool:
+    """Whether `data` is `lines` whole lines, the last one ended too (not cut short, not torn)."""
+    return data.count(b"\n") == lines and (not data or data.endswith(b"\n"))
 
 
 def _failure_lines(failures: Iterable[dict], stage: str | None = None) -> list[str]:

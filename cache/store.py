@@ -99,6 +99,19 @@ def reopen_failed_parts(store_dir, parts, fmt: str) -> list[int]:
     return failed
 
 
+def parts_to_write(store_dir, mine, fmt: str, retry_failed: bool = False) -> tuple[list[int], int]:
+    """Which of this shard's parts `mine` a stage writes: those not complete (with `retry_failed`, also the
+    complete ones that recorded failures, made missing again by reopen_failed_parts), after removing what
+    killed writers of them left. Returns them and how many were made missing again."""
+    done = completed_parts(store_dir)
+    retried = reopen_failed_parts(store_dir, [k for k in mine if k in done], fmt) if retry_failed else []
+    if retried:
+        done = completed_parts(store_dir)
+    todo = [k for k in mine if k not in done]
+    remove_leftovers(store_dir, todo, fmt)   # only these: other shards may be writing theirs right now
+    return todo, len(retried)
+
+
 def recorded_failures(store_dir, parts) -> list[dict]:
     """The failures recorded for `parts`, in part order (parts without a failures file have none)."""
     paths = [failures_path(store_dir, k) for k in sorted(parts)]

@@ -23,11 +23,10 @@ from cache.index import build_index
 from cache.manifest import (AUDIO_STORE, IMAGE_STORE, RECORDS, SPEAKER_CMVN, CacheMismatchError, atomic_write_json,
                             TEXT_STORE, atomic_write_text, claim_section, read_manifest, read_records,
                             record_stage_failures, records_complete, records_text, replace_section, settings_diff,
-                            shard_lock)
+                            shard_lock, whole_lines)
 from cache.reader import StoreReader
 from cache.store import (FAILURES_DIR, FORMATS, STORE_JSON, check_shard, completed_parts, part_path,
-                         plan_parts, recorded_failures, remove_leftovers, reopen_failed_parts, shard_parts,
-                         store_settings_diff)
+                         parts_to_write, plan_parts, recorded_failures, shard_parts, store_settings_diff)
 from pipeline.audio_part import (STORE_DTYPE, compute_features, decode_part, extract_part, init_worker, store_attrs,
                                  write_part)
 from pipeline.corpus import Corpus, read_corpus
@@ -191,8 +190,9 @@ def corpus_section(corpus: Corpus) -> dict:
 
 
 def _records_digest(corpus: Corpus) -> str:
-    """sha1 of everything records.jsonl says of the utterances: a cheap test (0.6 s for SpokenCOCO, where
-    writing the JSON takes 4 s) of whether records.jsonl still says what the corpus says."""
+    """sha1 of everything records.jsonl says of the utterances: a cheap test of whether records.jsonl still
+    says what the corpus says (with the ids' digest 0.56 s at SpokenCOCO sizes, where writing the JSON to
+    compare takes 2.72 s: benchmarks/corpus_read.py, docs/benchmarks.md)."""
     rows = "".join(f"{u.utt_id}\t{u.audio_path}\t{u.image_id}\t{u.image_path}\t{u.caption}\t{u.caption_id}\t"
                    f"{u.speaker}\t{u.split}\n" for u in corpus.utterances)
     return hashlib.sha1(rows.encode("utf-8")).hexdigest()
@@ -255,28 +255,29 @@ def _follow_corpus(cache: Path, corpus: Corpus, was: dict | None, section: dict)
         return []
     records = [u.to_dict() for u in corpus.utterances]
     text = records_text(records)
-    old = path.read_bytes() if path.is_file() else None
+    new, old = text.encode("utf-8"), path.read_bytes() if path.is_file() else None
     notes = []
-    if old is not None and old != text.encode("utf-8"):
+    if old is None:
+        if was is not None and was.get("records_sha1") not in (None, section["records_sha1"]) \
+                and was.get("root") == corpus.root and any((cache / s).is_dir() for s in (TEXT_STORE, IMAGE_STORE)):
+            notes.append(f"the corpus changed since embed-images ran on it (its splits, speakers, captions or "
+                         f"files): if captions or images changed, delete {cache / TEXT_STORE} or "
+                         f"{cache / IMAGE_STORE} and run embed-images again")
+    elif old != new:
         moved = was is not None and was.get("root") != corpus.root
         if moved:
             notes.append(f"corpus moved from {was.get('root')} to {corpus.root} (the same {len(records)} "
                          f"utterances): {RECORDS} now names the files there")
         try:
             rows = [json.loads(line) for line in old.decode("utf-8").splitlines()] \
-                if records_complete(cache, len(records)) else None
+                if whole_lines(old, len(records)) else None
         except ValueError:   # edited by hand, or bytes lost mid-file
             rows = None
         if rows is None or not all(isinstance(row, dict) for row in rows):
             notes.append(f"{path} was cut short or cannot be read: written anew")
         else:
             notes += _changed_records(cache, rows, records, skip=_PATH_FIELDS if moved else ())
-    elif old is None and was is not None and was.get("records_sha1") not in (None, section["records_sha1"]) \
-            and was.get("root") == corpus.root and ((cache / TEXT_STORE).is_dir() or (cache / IMAGE_STORE).is_dir()):
-        notes.append(f"the corpus changed since embed-images ran on it (its splits, speakers, captions or files): "
-                     f"if captions or images changed, delete {cache / TEXT_STORE} or {cache / IMAGE_STORE} and "
-                     "run embed-images again")
-    if old is None or old != text.encode("utf-8"):
+    if old != new:
         atomic_write_text(path, text)
     if was is not None and was != section:
         replace_section(cache, "corpus", section)
@@ -333,14 +334,9 @@ def _extract_audio(cfg: ExtractConfig, held: contextlib.ExitStack) -> ExtractSum
     else:
         mine = shard_parts(len(plan), cfg.shard)
         held.enter_context(shard_lock(cfg.cache, "extract-audio", cfg.shard))   # until the stage returns
-        done = completed_parts(store)     # as found under the lock
-        if cfg.retry_failed:
-            summary.parts_retried = len(reopen_failed_parts(store, [k for k in mine if k in done], cfg.fmt))
-            done = completed_parts(store)
-        todo = [k for k in mine if k not in done]
+        todo, summary.parts_retried = parts_to_write(store, mine, cfg.fmt, cfg.retry_failed)   # under the lock
         summary.parts_skipped = len(mine) - len(todo)
         (store / FAILURES_DIR).mkdir(parents=True, exist_ok=True)
-        remove_leftovers(store, todo, cfg.fmt)
         if todo:
             utts = [u.to_dict() for u in corpus.utterances]
             _run_parts(cfg, recipe, [(k, [utts[j] for j in plan[k]]) for k in todo], summary)
@@ -357,8 +353,8 @@ def _extract_audio(cfg: ExtractConfig, held: contextlib.ExitStack) -> ExtractSum
         audio_of = {u.utt_id: u.audio_path for u in corpus.utterances}
         record_stage_failures(cfg.cache, "audio", [{**f, "path": audio_of.get(f["id"], f.get("path"))}
                                                    for f in failures])
-        if getattr(recipe, "normalisation", None) == "speaker" and speaker_cmvn_stale(cfg.cache):
-            write_speaker_cmvn(cfg.cache)
+        if getattr(recipe, "normalisation", None) == "speaker":
+            write_speaker_cmvn(cfg.cache)   # where the index holds other utterances than it was computed over
     summary.seconds = time.perf_counter() - started
     if summary.failures_total > cfg.max_failures or (summary.indexed == 0 and summary.failures_total):
         raise TooManyFailures(summary, cfg.max_failures)
@@ -457,34 +453,29 @@ def _write_decoded(cfg: ExtractConfig, recipe, part: int, utts: list[dict], deco
 
 # ---- speaker-level CMVN (mfcc-kaldi with normalisation=speaker) ----
 
-def _cmvn_basis(cache: Path, speaker_of: dict[str, str]) -> str:
+def _cmvn_basis(reader: StoreReader, speaker_of: dict[str, str]) -> str:
     """sha1 of what the speaker statistics are computed over: each indexed utterance's id, frames and speaker.
     A part computed again (--retry-failed) or a speaker changed in the corpus makes the statistics stale."""
-    with StoreReader(cache / AUDIO_STORE) as reader:
-        ids, lengths = reader.ids, reader.lengths.tolist()
-    rows = "".join(f"{u}\t{n}\t{speaker_of.get(u)}\n" for u, n in zip(ids, lengths))
+    rows = "".join(f"{u}\t{n}\t{speaker_of.get(u)}\n" for u, n in zip(reader.ids, reader.lengths.tolist()))
     return hashlib.sha1(rows.encode("utf-8")).hexdigest()
 
 
-def speaker_cmvn_stale(cache: Path) -> bool:
-    """Whether CACHE/audio/speaker_cmvn.json is missing or was computed over other utterances, frames or
-    speakers than the index and records.jsonl now hold."""
-    path = Path(cache) / AUDIO_STORE / SPEAKER_CMVN
-    try:
-        recorded = json.loads(path.read_text(encoding="utf-8")).get("basis")
-    except (FileNotFoundError, ValueError):
-        return True
-    return recorded != _cmvn_basis(Path(cache), {r["utt_id"]: r["speaker"] for r in read_records(cache)})
-
-
-def write_speaker_cmvn(cache: Path) -> Path:
+def write_speaker_cmvn(cache: Path) -> bool:
     """Per-speaker mean and std [dims] (ddof=0) over every frame in CACHE/audio, speakers from records.jsonl,
     written atomically to CACHE/audio/speaker_cmvn.json; the trainer applies (x - mean) / (std + eps).
-    One pass in float64, so memory does not grow with the corpus."""
+    One pass in float64, so memory does not grow with the corpus. Nothing is computed where the file there
+    was computed over the same utterances, frames and speakers; returns whether it was written."""
     cache = Path(cache)
+    path = cache / AUDIO_STORE / SPEAKER_CMVN
     speaker_of = {r["utt_id"]: r["speaker"] for r in read_records(cache)}
     sums: dict[str, list] = {}  # speaker -> [frames, shift [D], sum of x - shift, sum of (x - shift)^2]
     with StoreReader(cache / AUDIO_STORE) as reader:
+        basis = _cmvn_basis(reader, speaker_of)
+        try:
+            if json.loads(path.read_text(encoding="utf-8")).get("basis") == basis:
+                return False
+        except (FileNotFoundError, ValueError):
+            pass
         for utt_id, feats in reader:
             x = feats.astype(np.float64)
             # shifting by the speaker's first utterance mean keeps E[d^2] - E[d]^2 free of cancellation
@@ -495,7 +486,5 @@ def write_speaker_cmvn(cache: Path) -> Path:
     speakers = {s: {"frames": n, "mean": (shift + s1 / n).tolist(),
                     "std": np.sqrt(np.maximum(s2 / n - (s1 / n) ** 2, 0.0)).tolist()}
                 for s, (n, shift, s1, s2) in sorted(sums.items())}
-    path = cache / AUDIO_STORE / SPEAKER_CMVN
-    atomic_write_json(path, {"version": 1, "dims": dims, "eps": NORM_EPS, "speakers": speakers,
-                             "basis": _cmvn_basis(cache, speaker_of)})
-    return path
+    atomic_write_json(path, {"version": 1, "dims": dims, "eps": NORM_EPS, "speakers": speakers, "basis": basis})
+    return True

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cache.manifest import (TEXT_STORE, atomic_target, atomic_write_json, read_manifest, read_records, read_utf8,
-                            stage_command)
+from cache.manifest import (TEXT_STORE, atomic_target, atomic_write_json, check_prompt, read_manifest, read_records,
+                            read_utf8, stage_command)
 from cache.reader import StoreReader
 from trainer.data import SplitData, load_keywords, load_split
 from trainer.metrics import (keyword_chance, keyword_relevance, keyword_spotting, positive_ranks, recall_summary,
@@ -83,9 +83,8 @@ class EvalConfig:
             raise ValueError(f"--split {self.split!r}: use train, dev or test")
         if self.batch_size is not None and self.batch_size < 1:
             raise ValueError(f"--batch-size {self.batch_size}: must be 1 or more")
-        if self.prompt is not None and (self.prompt.count("{}") != 1 or "{}" not in self.prompt.replace("{{", "")):
-            raise ValueError(f"--prompt {self.prompt!r}: a template with one '{{}}' where the keyword goes, as "
-                             "embed-images takes it, e.g. 'this is a photo of a {}'")
+        if self.prompt is not None:
+            check_prompt(self.prompt)
         pick_device(self.device)   # a bad or absent device fails here, before anything is loaded
 
 
